@@ -1,0 +1,76 @@
+"""Content-addressed stage cache used by the augmentation study."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from cmb_synthesis.stages import Stage, StageRunner, run_bundle
+
+
+def _counting_stage(name, params, calls, depends=(), files=()):
+    def run(folder: Path):
+        calls.append(name)
+        (folder / "out.txt").write_text(json.dumps(params))
+        return {"value": params.get("x", 0) * 2}
+
+    return Stage(name, params, run, depends=depends, files=files)
+
+
+def test_stage_is_cached_and_rerun_only_when_inputs_change(tmp_path):
+    calls: list[str] = []
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("a: 1\n")
+    runner = StageRunner(tmp_path / "study", total=2, log=lambda s: None)
+    a = _counting_stage("a", {"x": 1}, calls, files=[cfg])
+    b = _counting_stage("b", {"x": 5}, calls, depends=[a])
+    assert runner(a) == {"value": 2}
+    assert runner(b) == {"value": 10}
+    assert calls == ["a", "b"]
+
+    # same content: both cached
+    runner2 = StageRunner(tmp_path / "study", total=2, log=lambda s: None)
+    runner2(_counting_stage("a", {"x": 1}, calls, files=[cfg]))
+    runner2(_counting_stage("b", {"x": 5}, calls, depends=[_counting_stage("a", {"x": 1}, calls, files=[cfg])]))
+    assert calls == ["a", "b"]
+
+    # a config file changes: a and everything downstream rerun
+    cfg.write_text("a: 2\n")
+    a3 = _counting_stage("a", {"x": 1}, calls, files=[cfg])
+    runner2(a3)
+    runner2(_counting_stage("b", {"x": 5}, calls, depends=[a3]))
+    assert calls == ["a", "b", "a", "b"]
+
+
+def test_interrupted_stage_is_redone(tmp_path):
+    calls: list[str] = []
+    runner = StageRunner(tmp_path, log=lambda s: None)
+    st = _counting_stage("s", {"x": 3}, calls)
+    folder = runner.folder(st)
+    folder.mkdir(parents=True)
+    (folder / "partial.bin").write_bytes(b"half")  # no stage.json: an interrupted attempt
+    assert runner(st) == {"value": 6}
+    assert not (folder / "partial.bin").exists()
+    assert calls == ["s"]
+
+
+def test_failing_stage_leaves_no_done_marker(tmp_path):
+    def boom(folder):
+        raise RuntimeError("stage failed")
+
+    runner = StageRunner(tmp_path, log=lambda s: None)
+    st = Stage("bad", {}, boom)
+    with pytest.raises(RuntimeError, match="stage failed"):
+        runner(st)
+    assert not runner.is_done(st)
+
+
+def test_run_bundle_reports_the_failing_command(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("value: 1\ntraining: \"$int('not a number')\"\n")
+    with pytest.raises(RuntimeError, match="bundle run 'training' failed"):
+        run_bundle([cfg], "training", {"value": 2}, tmp_path / "log.txt")
+    assert "monai.bundle" in (tmp_path / "log.txt").read_text()
