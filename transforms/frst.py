@@ -1,0 +1,474 @@
+"""3-D Fast Radial Symmetry Transform (FRST) for dark blobs, and FRST-based CMB candidate proposal.
+
+Loy and Zelinsky, "Fast radial symmetry for detecting points of interest", IEEE TPAMI 25(8), 2003, extended
+to 3-D with the dark polarity only (cerebral microbleeds are hypointense on SWI), following the choices of
+Kovesi's reference implementation (``fastradial.m``) for the clipping constant and the per-radius scaling:
+
+1. gradient ``g`` by the 3-D Sobel operator (``scipy.ndimage.sobel`` per axis, normalised to intensity/mm by
+   dividing by 32 and by the voxel spacing of that axis);
+2. only voxels with ``|g| > beta * max|g|`` vote (the maximum is taken inside ``mask`` when one is given);
+3. for every radius ``n`` (in mm; ``n / spacing`` voxels along each axis) the *negatively affected* voxel
+   ``p - round(n_vox * g / |g|)`` (the point ``n`` mm down the gradient, i.e. into the dark side) collects one
+   orientation vote ``O_n += 1`` and the magnitude ``M_n += |g|``. Accumulation uses ``np.bincount``
+   (numpy backend) or ``Tensor.index_add_`` (torch backend), never ``np.add.at``. Votes falling outside the
+   volume are dropped;
+4. ``O_n`` is clipped at ``kappa_n`` (8 for n = 1, 9.9 otherwise) and
+   ``F_n = (M_n / kappa_n) * (O~_n / kappa_n) ** alpha``;
+5. ``F_n`` is smoothed with a Gaussian of sigma ``0.25 n`` (in voxels per axis, truncated at 4 sigma, mirror
+   boundary as ``scipy.ndimage``), multiplied by ``n`` (mm) so that large radii keep their weight;
+6. the map is the mean over radii. Because only negatively affected voxels vote, the map is ``>= 0`` and
+   positive at dark blobs (Loy and Zelinsky's ``-S`` for a dark-only transform).
+
+Both backends compute the same map (float64 by default; relative difference ~1e-12, and < 1e-4 in
+float32). The torch backend runs on the device of the input tensor.
+
+:func:`find_candidates` turns a map into candidate voxels (local maxima inside the brain mask with
+non-maximum suppression over ``min_distance_mm``, score threshold, sorted, capped), and
+:class:`FRSTCandidatesd` is the MONAI dictionary transform doing both. Defaults were tuned on the phantom
+training split with ``scripts/tune_frst.py`` (see ``docs/frst.md``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.config import KeysCollection
+from monai.transforms import MapTransform
+from scipy import ndimage
+
+__all__ = [
+    "DEFAULT_RADII_MM",
+    "DEFAULT_ALPHA",
+    "DEFAULT_BETA",
+    "DEFAULT_MIN_DISTANCE_MM",
+    "DEFAULT_MAX_CANDIDATES",
+    "DEFAULT_PRESMOOTH_SIGMA_MM",
+    "DEFAULT_SNAP_RADIUS_MM",
+    "kappa_for_radius",
+    "frst_3d",
+    "find_candidates",
+    "snap_to_darkest",
+    "spacing_from_affine",
+    "FRSTCandidatesd",
+]
+
+# Defaults tuned on the phantom training split (scripts/tune_frst.py, docs/frst.md).
+DEFAULT_RADII_MM: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0)
+DEFAULT_ALPHA: float = 2.0
+DEFAULT_BETA: float = 0.05
+DEFAULT_MIN_DISTANCE_MM: float = 3.0
+DEFAULT_MAX_CANDIDATES: int = 300
+DEFAULT_PRESMOOTH_SIGMA_MM: float = 0.0
+DEFAULT_SNAP_RADIUS_MM: float = 0.0
+
+
+def kappa_for_radius(n: float) -> float:
+    """Orientation clipping constant of Kovesi's reference: 8 for n = 1, 9.9 otherwise (n in mm)."""
+    return 8.0 if abs(float(n) - 1.0) < 1e-9 else 9.9
+
+
+def _gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
+    """The same normalised kernel as ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``)."""
+    radius = int(truncate * float(sigma) + 0.5)
+    x = np.arange(-radius, radius + 1, dtype=np.float64)
+    phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
+    return phi / phi.sum()
+
+
+def _check_volume(volume: Any, spacing: Sequence[float], radii_mm: Sequence[float]) -> None:
+    if volume.ndim != 3:
+        raise ValueError(f"frst_3d: expected a 3-D volume (X, Y, Z), got shape {tuple(volume.shape)}")
+    if len(spacing) != 3 or any(float(s) <= 0 for s in spacing):
+        raise ValueError(f"frst_3d: spacing must be three positive numbers, got {tuple(spacing)}")
+    if len(radii_mm) == 0 or any(float(r) <= 0 for r in radii_mm):
+        raise ValueError(f"frst_3d: radii_mm must be non-empty and positive, got {tuple(radii_mm)}")
+
+
+# ----------------------------------------------------------------------------------------------- numpy
+def _frst_numpy(
+    vol: np.ndarray,
+    spacing: tuple[float, float, float],
+    radii_mm: Sequence[float],
+    alpha: float,
+    beta: float,
+    mask: np.ndarray | None,
+    presmooth_sigma_mm: float,
+    dtype: np.dtype,
+) -> np.ndarray:
+    vol = np.asarray(vol, dtype=dtype)
+    if presmooth_sigma_mm > 0:
+        for ax in range(3):
+            vol = ndimage.correlate1d(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]), axis=ax, mode="reflect")
+    shape = vol.shape
+    grads = [ndimage.sobel(vol, axis=ax, mode="reflect") / (32.0 * spacing[ax]) for ax in range(3)]
+    mag = np.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2)
+    ref = mag[mask] if mask is not None else mag
+    gmax = float(ref.max()) if ref.size else 0.0
+    out = np.zeros(shape, dtype=dtype)
+    if gmax <= 0:
+        return out
+    sel = mag > beta * gmax
+    if mask is not None:
+        sel &= mask
+    idx = np.nonzero(sel)
+    m = mag[idx]
+    units = [grads[ax][idx] / m for ax in range(3)]
+    del grads, mag, sel
+    n_vox = int(np.prod(shape))
+    for n in radii_mm:
+        n = float(n)
+        kappa = kappa_for_radius(n)
+        flat = np.zeros(m.shape, dtype=np.int64)
+        valid = np.ones(m.shape, dtype=bool)
+        for ax in range(3):
+            t = idx[ax] - np.round(units[ax] * (n / spacing[ax])).astype(np.int64)
+            valid &= (t >= 0) & (t < shape[ax])
+            flat = flat * shape[ax] + t
+        flat = flat[valid]
+        orient = np.bincount(flat, minlength=n_vox).astype(dtype, copy=False)
+        magn = np.bincount(flat, weights=m[valid], minlength=n_vox).astype(dtype, copy=False)
+        np.minimum(orient, kappa, out=orient)
+        f = (magn / kappa) * (orient / kappa) ** alpha
+        f = f.reshape(shape)
+        for ax in range(3):
+            f = ndimage.correlate1d(f, _gaussian_kernel1d(0.25 * n / spacing[ax]), axis=ax, mode="reflect")
+        out += f * n
+    out /= len(radii_mm)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- torch
+def _symmetric_index(n: int, r: int, device: torch.device) -> torch.Tensor:
+    """Indices implementing scipy's ``mode='reflect'`` (d c b a | a b c d | d c b a) padding by ``r``."""
+    i = torch.arange(-r, n + r, device=device)
+    period = 2 * n
+    i = torch.remainder(i, period)
+    return torch.where(i < n, i, period - 1 - i)
+
+
+def _correlate1d_torch(x: torch.Tensor, weights: Sequence[float], axis: int) -> torch.Tensor:
+    """``scipy.ndimage.correlate1d(x, weights, axis, mode='reflect')`` for odd-length weights."""
+    r = len(weights) // 2
+    n = x.shape[axis]
+    xp = x.index_select(axis, _symmetric_index(n, r, x.device)) if r > 0 else x
+    out = None
+    for j, w in enumerate(weights):
+        if w == 0:
+            continue
+        term = xp.narrow(axis, j, n) * float(w)
+        out = term if out is None else out + term
+    return out if out is not None else torch.zeros_like(x)
+
+
+def _sobel_torch(x: torch.Tensor, axis: int) -> torch.Tensor:
+    out = _correlate1d_torch(x, [-1.0, 0.0, 1.0], axis)
+    for ax in range(3):
+        if ax != axis:
+            out = _correlate1d_torch(out, [1.0, 2.0, 1.0], ax)
+    return out
+
+
+def _frst_torch(
+    vol: torch.Tensor,
+    spacing: tuple[float, float, float],
+    radii_mm: Sequence[float],
+    alpha: float,
+    beta: float,
+    mask: torch.Tensor | None,
+    presmooth_sigma_mm: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    vol = vol.to(dtype)
+    if presmooth_sigma_mm > 0:
+        for ax in range(3):
+            vol = _correlate1d_torch(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]).tolist(), ax)
+    shape = tuple(vol.shape)
+    grads = [_sobel_torch(vol, ax) / (32.0 * spacing[ax]) for ax in range(3)]
+    mag = torch.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2)
+    ref = mag[mask] if mask is not None else mag
+    gmax = float(ref.max()) if ref.numel() else 0.0
+    out = torch.zeros(shape, dtype=dtype, device=vol.device)
+    if gmax <= 0:
+        return out
+    sel = mag > beta * gmax
+    if mask is not None:
+        sel &= mask
+    idx = torch.nonzero(sel, as_tuple=True)
+    m = mag[idx]
+    units = [grads[ax][idx] / m for ax in range(3)]
+    del grads, mag, sel
+    n_vox = int(np.prod(shape))
+    for n in radii_mm:
+        n = float(n)
+        kappa = kappa_for_radius(n)
+        flat = torch.zeros(m.shape, dtype=torch.int64, device=vol.device)
+        valid = torch.ones(m.shape, dtype=torch.bool, device=vol.device)
+        for ax in range(3):
+            t = idx[ax] - torch.round(units[ax] * (n / spacing[ax])).to(torch.int64)
+            valid &= (t >= 0) & (t < shape[ax])
+            flat = flat * shape[ax] + t
+        flat = flat[valid]
+        orient = torch.zeros(n_vox, dtype=dtype, device=vol.device)
+        orient.index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
+        magn = torch.zeros(n_vox, dtype=dtype, device=vol.device)
+        magn.index_add_(0, flat, m[valid])
+        orient.clamp_(max=kappa)
+        f = ((magn / kappa) * (orient / kappa) ** alpha).reshape(shape)
+        for ax in range(3):
+            f = _correlate1d_torch(f, _gaussian_kernel1d(0.25 * n / spacing[ax]).tolist(), ax)
+        out += f * n
+    out /= len(radii_mm)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- public API
+def frst_3d(
+    volume: np.ndarray | torch.Tensor,
+    spacing: Sequence[float] = (0.98, 0.98, 1.0),
+    radii_mm: Sequence[float] = DEFAULT_RADII_MM,
+    alpha: float = DEFAULT_ALPHA,
+    beta: float = DEFAULT_BETA,
+    backend: str | None = None,
+    mask: np.ndarray | torch.Tensor | None = None,
+    presmooth_sigma_mm: float = DEFAULT_PRESMOOTH_SIGMA_MM,
+    dtype: Any = None,
+) -> np.ndarray | torch.Tensor:
+    """Dark-polarity 3-D Fast Radial Symmetry Transform of ``volume``.
+
+    Args:
+        volume: (X, Y, Z) intensities (any scale; the map scales linearly with the intensity scale).
+            A leading channel of size 1 is accepted and kept in the output.
+        spacing: voxel size in mm along X, Y, Z; radii and smoothing are converted to voxels per axis.
+        radii_mm: radii of the blobs to detect, in mm (CMBs: diameter 2-10 mm).
+        alpha: radial strictness (exponent of the clipped orientation term).
+        beta: gradient threshold as a fraction of the maximum gradient magnitude (inside ``mask`` if given).
+        backend: ``"numpy"`` or ``"torch"``; default: torch for a tensor input, numpy otherwise.
+        mask: optional (X, Y, Z) boolean mask; only voxels inside it vote and the gradient maximum is
+            taken inside it (votes may still land outside it).
+        presmooth_sigma_mm: Gaussian smoothing of the intensities before the gradient (0: none).
+        dtype: computation dtype (default float64; float32 halves memory at ~1e-6 relative error).
+
+    Returns:
+        The FRST map with the shape of ``volume``, ``>= 0`` and large at the centres of dark blobs;
+        a numpy array (numpy backend) or a tensor on the input's device (torch backend), in ``dtype``.
+    """
+    is_tensor = isinstance(volume, torch.Tensor)
+    backend = backend or ("torch" if is_tensor else "numpy")
+    if backend not in ("numpy", "torch"):
+        raise ValueError(f"frst_3d: backend must be 'numpy' or 'torch', got {backend!r}")
+    spacing = tuple(float(s) for s in spacing)
+    channel = volume.ndim == 4 and volume.shape[0] == 1
+    vol = volume[0] if channel else volume
+    _check_volume(vol, spacing, radii_mm)
+    if mask is not None:
+        mask = mask[0] if (mask.ndim == 4 and mask.shape[0] == 1) else mask
+        if tuple(mask.shape) != tuple(vol.shape):
+            raise ValueError(f"frst_3d: mask shape {tuple(mask.shape)} differs from volume shape {tuple(vol.shape)}")
+    if backend == "numpy":
+        v = vol.detach().cpu().numpy() if is_tensor else np.asarray(vol)
+        mk = None
+        if mask is not None:
+            mk = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) > 0
+        out = _frst_numpy(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm),
+                          np.dtype(dtype or np.float64))
+        return out[None] if channel else out
+    v = vol if is_tensor else torch.as_tensor(np.asarray(vol))
+    v = v.as_tensor() if hasattr(v, "as_tensor") else v  # MetaTensor -> plain tensor
+    mk = None
+    if mask is not None:
+        mk = (mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))).to(v.device) > 0
+        mk = mk.as_tensor() if hasattr(mk, "as_tensor") else mk
+    tdtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, np.dtype(dtype or np.float64).name)
+    out = _frst_torch(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm), tdtype)
+    return out[None] if channel else out
+
+
+def _ellipsoid_footprint(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
+    """Boolean ellipsoid of ``radius_mm`` in voxel units of ``spacing`` (at least 3 voxels wide per axis)."""
+    half = [max(1, int(np.floor(radius_mm / s))) for s in spacing]
+    grid = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
+    d2 = sum(g**2 for g in grid)
+    fp = d2 <= max(radius_mm, max(spacing)) ** 2
+    return fp
+
+
+def snap_to_darkest(
+    coords: np.ndarray, image: np.ndarray, spacing: Sequence[float], radius_mm: float, mask: np.ndarray | None = None
+) -> np.ndarray:
+    """Move each candidate (N, 3) to the darkest voxel of ``image`` within ``radius_mm`` (inside ``mask``).
+
+    Local FRST maxima of very small lesions can sit a voxel off the lesion; snapping puts the candidate on
+    the hypointense core. Returns new (N, 3) int64 coordinates (candidates that coincide are kept, the
+    caller may deduplicate).
+    """
+    coords = np.asarray(coords, dtype=np.int64).reshape(-1, 3)
+    if radius_mm <= 0 or len(coords) == 0:
+        return coords
+    fp = _ellipsoid_footprint(radius_mm, spacing)
+    offs = np.argwhere(fp) - np.array(fp.shape) // 2  # (K, 3)
+    pts = coords[:, None, :] + offs[None, :, :]  # (N, K, 3)
+    shape = np.array(image.shape)
+    inside = np.all((pts >= 0) & (pts < shape), axis=2)
+    pts_c = np.clip(pts, 0, shape - 1)
+    vals = image[pts_c[..., 0], pts_c[..., 1], pts_c[..., 2]].astype(np.float64)
+    if mask is not None:
+        inside &= mask[pts_c[..., 0], pts_c[..., 1], pts_c[..., 2]] > 0
+    vals[~inside] = np.inf
+    best = np.argmin(vals, axis=1)
+    return pts_c[np.arange(len(coords)), best]
+
+
+def find_candidates(
+    frst_map: np.ndarray | torch.Tensor,
+    brainmask: np.ndarray | torch.Tensor | None,
+    spacing: Sequence[float] = (0.98, 0.98, 1.0),
+    min_distance_mm: float = DEFAULT_MIN_DISTANCE_MM,
+    max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+    threshold: float = 0.0,
+    image: np.ndarray | torch.Tensor | None = None,
+    snap_radius_mm: float = DEFAULT_SNAP_RADIUS_MM,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Candidate voxels: local maxima of ``frst_map`` inside ``brainmask``, strongest first.
+
+    A voxel is a candidate when it equals the maximum of the map over an ellipsoid of radius
+    ``min_distance_mm`` (non-maximum suppression, ``scipy.ndimage.maximum_filter`` with the ellipsoid as
+    footprint), lies inside the brain mask and scores above ``threshold``. Candidates are sorted by
+    decreasing score and the first ``max_candidates`` kept. With ``image`` and ``snap_radius_mm > 0`` each
+    kept candidate is moved to the darkest voxel within that radius (duplicates after snapping are merged,
+    keeping the higher score).
+
+    Args:
+        frst_map: (X, Y, Z) or (1, X, Y, Z) map (e.g. from :func:`frst_3d`).
+        brainmask: same shape, non-zero inside the brain; ``None`` means the whole volume.
+
+    Returns:
+        ``(coords, scores)``: (N, 3) int64 voxel indices and (N,) float64 scores, N <= max_candidates.
+    """
+    fmap = frst_map.detach().cpu().numpy() if isinstance(frst_map, torch.Tensor) else np.asarray(frst_map)
+    if fmap.ndim == 4 and fmap.shape[0] == 1:
+        fmap = fmap[0]
+    if fmap.ndim != 3:
+        raise ValueError(f"find_candidates: expected a 3-D map, got shape {fmap.shape}")
+    fmap = fmap.astype(np.float64, copy=False)
+    if brainmask is not None:
+        bm = brainmask.detach().cpu().numpy() if isinstance(brainmask, torch.Tensor) else np.asarray(brainmask)
+        if bm.ndim == 4 and bm.shape[0] == 1:
+            bm = bm[0]
+        if bm.shape != fmap.shape:
+            raise ValueError(f"find_candidates: brain mask shape {bm.shape} differs from map shape {fmap.shape}")
+        bm = bm > 0
+    else:
+        bm = np.ones(fmap.shape, dtype=bool)
+    fp = _ellipsoid_footprint(min_distance_mm, spacing)
+    local_max = ndimage.maximum_filter(fmap, footprint=fp, mode="constant", cval=-np.inf)
+    peaks = (fmap >= local_max) & bm & (fmap > threshold)
+    coords = np.argwhere(peaks).astype(np.int64)
+    scores = fmap[peaks]  # argwhere and boolean indexing share C order
+    order = np.argsort(-scores, kind="stable")
+    coords, scores = coords[order], scores[order]
+    if max_candidates is not None and len(coords) > max_candidates:
+        coords, scores = coords[:max_candidates], scores[:max_candidates]
+    if image is not None and snap_radius_mm > 0 and len(coords):
+        img = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+        if img.ndim == 4 and img.shape[0] == 1:
+            img = img[0]
+        coords = snap_to_darkest(coords, img, spacing, snap_radius_mm, bm)
+        _, first = np.unique(coords, axis=0, return_index=True)  # sorted by score: first = best
+        keep = np.sort(first)
+        coords, scores = coords[keep], scores[keep]
+    return coords, scores.astype(np.float64)
+
+
+def spacing_from_affine(affine: Any) -> tuple[float, float, float]:
+    """Voxel spacing (mm) of a 4x4 affine: the norms of its first three columns."""
+    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
+    return tuple(float(v) for v in np.sqrt((a[:3, :3] ** 2).sum(axis=0)))
+
+
+class FRSTCandidatesd(MapTransform):
+    """Dictionary transform: FRST candidates of a channel-first image inside its brain mask.
+
+    Reads ``data[key]`` (1, X, Y, Z) (a MetaTensor's affine gives the spacing unless ``spacing`` is set)
+    and ``data[mask_key]`` (1, X, Y, Z) and writes ``data[output_key]`` (N, 3) int64 voxel indices and
+    ``data[output_key + "_score"]`` (N,) float64 FRST scores, strongest first; with ``map_key`` also the
+    FRST map (1, X, Y, Z) float32. Runs on the image's device with ``backend="torch"``.
+
+    Only one image key is supported (the candidates belong to one scan).
+    """
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        mask_key: str | None = "brainmask",
+        output_key: str = "candidates",
+        radii_mm: Sequence[float] = DEFAULT_RADII_MM,
+        alpha: float = DEFAULT_ALPHA,
+        beta: float = DEFAULT_BETA,
+        presmooth_sigma_mm: float = DEFAULT_PRESMOOTH_SIGMA_MM,
+        min_distance_mm: float = DEFAULT_MIN_DISTANCE_MM,
+        max_candidates: int | None = DEFAULT_MAX_CANDIDATES,
+        threshold: float = 0.0,
+        snap_radius_mm: float = DEFAULT_SNAP_RADIUS_MM,
+        spacing: Sequence[float] | None = None,
+        backend: str = "numpy",
+        map_key: str | None = None,
+        allow_missing_keys: bool = False,
+    ) -> None:
+        super().__init__(keys, allow_missing_keys)
+        if len(self.keys) != 1:
+            raise ValueError(f"FRSTCandidatesd: exactly one image key expected, got {self.keys}")
+        self.mask_key = mask_key
+        self.output_key = output_key
+        self.frst_kwargs = dict(radii_mm=tuple(radii_mm), alpha=alpha, beta=beta, presmooth_sigma_mm=presmooth_sigma_mm,
+                                backend=backend)
+        self.cand_kwargs = dict(min_distance_mm=min_distance_mm, max_candidates=max_candidates, threshold=threshold,
+                                snap_radius_mm=snap_radius_mm)
+        self.spacing = tuple(spacing) if spacing is not None else None
+        self.map_key = map_key
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        for key in self.key_iterator(d):
+            img = d[key]
+            name = _source_name(img, key)
+            if img.ndim != 4 or img.shape[0] != 1:
+                raise ValueError(f"{name}: FRSTCandidatesd expects a channel-first (1, X, Y, Z) image, got {tuple(img.shape)}")
+            spacing = self.spacing
+            if spacing is None:
+                affine = getattr(img, "affine", None)
+                spacing = spacing_from_affine(affine) if affine is not None else (1.0, 1.0, 1.0)
+            mask = None
+            if self.mask_key is not None:
+                if self.mask_key not in d:
+                    raise ValueError(f"{name}: mask key {self.mask_key!r} missing from the data dictionary")
+                mask = d[self.mask_key]
+                if tuple(mask.shape[-3:]) != tuple(img.shape[-3:]):
+                    raise ValueError(f"{name}: brain mask shape {tuple(mask.shape)} differs from image {tuple(img.shape)}")
+            vol = img[0]
+            if self.frst_kwargs["backend"] == "numpy" and isinstance(vol, torch.Tensor):
+                vol = vol.detach().cpu().numpy()
+            mk = None
+            if mask is not None:
+                mk = mask[0] > 0
+                if self.frst_kwargs["backend"] == "torch" and not isinstance(mk, torch.Tensor):
+                    mk = torch.as_tensor(np.asarray(mk))
+            fmap = frst_3d(vol, spacing=spacing, mask=mk, **self.frst_kwargs)
+            coords, scores = find_candidates(fmap, mk, spacing, image=vol, **self.cand_kwargs)
+            d[self.output_key] = coords
+            d[f"{self.output_key}_score"] = scores
+            if self.map_key is not None:
+                m = fmap.detach().cpu().numpy() if isinstance(fmap, torch.Tensor) else fmap
+                d[self.map_key] = m[None].astype(np.float32)
+        return d
+
+
+def _source_name(img: Any, key: Hashable) -> str:
+    meta = getattr(img, "meta", None)
+    if isinstance(meta, Mapping):
+        src = meta.get("filename_or_obj")
+        if src:
+            return str(src)
+    return f"data[{key!r}]"
