@@ -1,0 +1,158 @@
+"""3-D FRST: dark spheres above tubes and noise, numpy == torch, spacing, candidates, the dict transform."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from monai.data import MetaTensor
+
+from transforms.frst import FRSTCandidatesd, find_candidates, frst_3d, kappa_for_radius, snap_to_darkest
+
+RADII = (1.0, 1.5, 2.0, 3.0)
+
+
+def _phantom(shape, spacing, spheres=(), tubes=(), noise=0.03, seed=0):
+    """Bright (1.0) noisy volume with dark (0.3) spheres ((centre_mm, r_mm)) and tubes along axis 0 ((y, z), r)."""
+    rng = np.random.default_rng(seed)
+    v = 1.0 + noise * rng.standard_normal(shape)
+    g = np.meshgrid(*[np.arange(s) * p for s, p in zip(shape, spacing)], indexing="ij")
+    for c, r in spheres:
+        v[np.sqrt(sum((g[a] - c[a]) ** 2 for a in range(3))) <= r] = 0.3
+    for (y, z), r in tubes:
+        v[np.sqrt((g[1] - y) ** 2 + (g[2] - z) ** 2) <= r] = 0.3
+    return v
+
+
+@pytest.fixture(scope="module")
+def spheres_and_tubes():
+    shape, spacing = (64, 96, 48), (1.0, 1.0, 1.0)
+    spheres = [((12.0 + 14 * i, 15.0, 12.0), r) for i, r in enumerate(RADII)]
+    tubes = [((45.0 + 14 * i, 24.0), r) for i, r in enumerate(RADII)]
+    v = _phantom(shape, spacing, spheres, tubes)
+    return v, spacing, spheres, tubes, frst_3d(v, spacing, radii_mm=RADII)
+
+
+def test_spheres_rank_above_tubes_and_noise(spheres_and_tubes):
+    v, spacing, spheres, tubes, fmap = spheres_and_tubes
+    assert fmap.shape == v.shape and fmap.dtype == np.float64 and (fmap >= 0).all()
+    noise = fmap[:, :, 36:].max()  # no object reaches z >= 36 mm
+    for (c, r), ((y, z), rt) in zip(spheres, tubes):
+        assert r == rt
+        i, j, k = (int(round(x)) for x in c)
+        sphere = fmap[i - 1:i + 2, j - 1:j + 2, k - 1:k + 2].max()
+        tube = fmap[:, int(y) - 4:int(y) + 5, int(z) - 4:int(z) + 5].max()
+        assert sphere > 1.5 * tube, (r, sphere, tube)
+        assert sphere > 10 * noise, (r, sphere, noise)
+
+
+def test_candidates_find_every_sphere_first(spheres_and_tubes):
+    v, spacing, spheres, tubes, fmap = spheres_and_tubes
+    coords, scores = find_candidates(fmap, None, spacing, min_distance_mm=3.0, max_candidates=50)
+    assert coords.dtype == np.int64 and coords.shape[1] == 3 and len(coords) == len(scores) <= 50
+    assert np.all(np.diff(scores) <= 0)
+    top = coords[: len(spheres)]
+    for c, _ in spheres:
+        assert np.abs(top - np.array(c)).max(axis=1).min() <= 1, (c, top)
+
+
+def test_numpy_and_torch_agree(spheres_and_tubes):
+    v, spacing, _, _, fmap = spheres_and_tubes
+    mask = np.zeros(v.shape, bool)
+    mask[4:-4, 4:-4, 2:-2] = True
+    for dtype, tol in ((torch.float64, 1e-10), (torch.float32, 1e-4)):
+        t = frst_3d(torch.as_tensor(v), spacing, radii_mm=RADII, dtype=dtype)
+        assert isinstance(t, torch.Tensor) and t.dtype == dtype
+        rel = np.abs(t.double().numpy() - fmap).max() / np.abs(fmap).max()
+        assert rel < tol, (dtype, rel)
+    aniso = (0.7, 0.9, 1.3)
+    a = frst_3d(v, aniso, radii_mm=(1.0, 2.5), beta=0.1, mask=mask, presmooth_sigma_mm=0.5)
+    b = frst_3d(torch.as_tensor(v, dtype=torch.float32), aniso, radii_mm=(1.0, 2.5), beta=0.1,
+                mask=torch.as_tensor(mask), presmooth_sigma_mm=0.5, backend="torch").numpy()
+    assert np.abs(a - b).max() / np.abs(a).max() < 1e-4
+
+
+def test_anisotropic_spacing_is_honoured():
+    centre, r = (20.0, 20.0, 20.0), 2.0
+    # a sphere in mm on an anisotropic grid is found at its centre, and stronger than with the spacing ignored
+    for spacing in ((0.6, 0.6, 1.5), (0.98, 0.98, 2.0)):
+        shape = tuple(int(40 / s) for s in spacing)
+        v = _phantom(shape, spacing, [(centre, r)], seed=1)
+        right = frst_3d(v, spacing, radii_mm=(1.5, 2.0, 2.5))
+        wrong = frst_3d(v, (1.0, 1.0, 1.0), radii_mm=(1.5, 2.0, 2.5))
+        peak_mm = np.array(np.unravel_index(right.argmax(), shape)) * spacing
+        assert np.all(np.abs(peak_mm - centre) <= np.array(spacing)), (spacing, peak_mm)
+        assert right.max() > 2 * wrong.max()
+    # the spacing follows its axis: permuting the axes and the spacing permutes the map
+    spacing = (0.6, 0.9, 1.5)
+    shape = tuple(int(30 / s) for s in spacing)
+    v = _phantom(shape, spacing, [((15.0, 15.0, 15.0), 2.5)], seed=2)
+    m = frst_3d(v, spacing, radii_mm=(2.0, 3.0))
+    mp = frst_3d(np.transpose(v, (2, 0, 1)), (1.5, 0.6, 0.9), radii_mm=(2.0, 3.0))
+    np.testing.assert_allclose(np.transpose(m, (2, 0, 1)), mp, rtol=1e-10, atol=1e-12)
+
+
+def test_kappa_and_bright_blob_ignored():
+    assert kappa_for_radius(1.0) == 8.0 and kappa_for_radius(2.0) == 9.9
+    v = _phantom((32, 32, 32), (1, 1, 1), noise=0.0)
+    g = np.meshgrid(*[np.arange(32)] * 3, indexing="ij")
+    v[np.sqrt(sum((x - 16.0) ** 2 for x in g)) <= 2.5] = 2.0  # bright blob: dark polarity gives nothing there
+    m = frst_3d(v, (1, 1, 1), radii_mm=(2.0, 2.5))
+    assert m[16, 16, 16] < 1e-3 * m.max()
+    assert not np.any(frst_3d(np.ones((8, 8, 8)), (1, 1, 1)))  # flat volume: no gradient, zero map
+
+
+def test_mask_and_cap_and_snap():
+    spacing = (1.0, 1.0, 1.0)
+    spheres = [((10.0, 10.0, 10.0), 2.0), ((30.0, 10.0, 10.0), 2.0), ((10.0, 30.0, 10.0), 1.5)]
+    v = _phantom((40, 40, 20), spacing, spheres, seed=3)
+    fmap = frst_3d(v, spacing, radii_mm=(1.5, 2.0))
+    mask = np.zeros(v.shape, np.uint8)
+    mask[:20] = 1  # excludes the second sphere
+    coords, scores = find_candidates(fmap, mask, spacing, min_distance_mm=4.0, max_candidates=2)
+    assert len(coords) == 2 and np.all(coords[:, 0] < 20)
+    assert {tuple(c) for c in coords} == {(10, 10, 10), (10, 30, 10)}
+    all_c, _ = find_candidates(fmap, mask, spacing, min_distance_mm=4.0, max_candidates=None)
+    d = np.sqrt(((all_c[:, None] - all_c[None]) ** 2).sum(-1))
+    assert d[np.triu_indices(len(all_c), 1)].min() > 1.0  # non-maximum suppression: no adjacent peaks
+    # snapping moves a candidate one voxel off a lesion onto the darkest voxel nearby
+    off = np.array([[12, 10, 10]])
+    snapped = snap_to_darkest(off, v, spacing, 2.0)
+    assert np.sqrt(((snapped[0] - [10, 10, 10]) ** 2).sum()) <= 2.0
+    assert v[tuple(snapped[0])] <= 0.31
+
+
+def test_dict_transform_uses_affine_spacing_and_torch_backend():
+    spacing = (0.98, 0.98, 1.0)
+    spheres = [((15.0, 15.0, 12.0), 2.0)]
+    v = _phantom((32, 32, 24), spacing, spheres, seed=4).astype(np.float32)
+    affine = torch.diag(torch.tensor([*spacing, 1.0], dtype=torch.float64))
+    img = MetaTensor(torch.as_tensor(v)[None], affine=affine)
+    mask = MetaTensor(torch.ones((1, *v.shape), dtype=torch.uint8), affine=affine)
+    outs = []
+    for backend in ("numpy", "torch"):
+        t = FRSTCandidatesd(keys="image", mask_key="brainmask", radii_mm=(1.5, 2.0), max_candidates=10,
+                            backend=backend, map_key="frst")
+        d = t({"image": img, "brainmask": mask})
+        assert d["candidates"].shape[1] == 3 and d["candidates_score"].shape == (len(d["candidates"]),)
+        assert d["frst"].shape == (1, *v.shape)
+        np.testing.assert_allclose(d["candidates"][0] * np.array(spacing), spheres[0][0], atol=1.0)
+        outs.append(d)
+    np.testing.assert_array_equal(outs[0]["candidates"][:3], outs[1]["candidates"][:3])
+    np.testing.assert_allclose(outs[0]["candidates_score"][:3], outs[1]["candidates_score"][:3], rtol=1e-4)
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="3-D"):
+        frst_3d(np.zeros((8, 8)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        frst_3d(np.zeros((8, 8, 8)), (1, 0, 1))
+    with pytest.raises(ValueError, match="mask shape"):
+        frst_3d(np.zeros((8, 8, 8)), (1, 1, 1), mask=np.ones((8, 8, 7), bool))
+    with pytest.raises(ValueError, match="backend"):
+        frst_3d(np.zeros((8, 8, 8)), (1, 1, 1), backend="cupy")
+    with pytest.raises(ValueError, match="brain mask shape"):
+        find_candidates(np.zeros((8, 8, 8)), np.ones((8, 8, 9)), (1, 1, 1))
+    img = MetaTensor(torch.zeros((8, 8, 8)), meta={"filename_or_obj": "/data/sub-9_swi.nii.gz"})
+    with pytest.raises(ValueError, match="sub-9_swi.nii.gz.*channel-first"):
+        FRSTCandidatesd(keys="image", mask_key=None)({"image": img})
