@@ -1,0 +1,271 @@
+"""Ignite/MONAI engines of the mask-guided CycleGAN: :class:`CycleGANTrainer` and :class:`SynthesisEvaluator`.
+
+The trainer's iteration (:meth:`CycleGANTrainer._iteration`) is the only new logic: ``n_critic`` critic steps
+for ``D_P`` and ``D_H`` and one generator step for ``G_HP`` and ``G_PH``. Everything else (checkpoints,
+resume, logging, TensorBoard, validation, the NaN guard, progress bar) is attached as handlers by the bundle
+config, as in any MONAI workflow.
+
+Batch format (a dict of (B, 1, X, Y, Z) tensors, see :mod:`cmb_synthesis.synthesis_data`): ``x_h`` healthy
+patch in [0, 1], ``y_hp`` its sampled lesion mask, ``brainmask_h``; ``x_p`` pathological patch, ``y_p`` its
+lesion mask, ``brainmask_p``; ``x_p2`` an independent pathological patch (the critic's real sample).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch.nn as nn
+from ignite.engine import Engine
+from ignite.metrics import Metric
+from monai.engines import Evaluator, Trainer
+from monai.engines.workflow import Workflow
+from monai.networks.utils import eval_mode, train_mode
+from monai.utils.enums import ForwardMode
+
+from cmb_synthesis.losses import CriticObjective, GeneratorObjective
+from cmb_synthesis.synthesis_metrics import synthesis_stats
+
+__all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "LOSS_KEYS", "BATCH_KEYS"]
+
+BATCH_KEYS = ("x_h", "y_hp", "brainmask_h", "x_p", "y_p", "brainmask_p", "x_p2")
+LOSS_KEYS = ("G", "D_P", "D_H", "CC", "ID", "AM", "GAN", "GP", "W_P", "W_H")
+_MASK_KEYS = ("y_hp", "y_p", "brainmask_h", "brainmask_p")
+
+
+def prepare_cycle_batch(
+    batchdata: Mapping[str, Any], device: torch.device | str | None = None, non_blocking: bool = False, **kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Move the batch's known keys to ``device`` as plain float tensors; masks become binary {0, 1}.
+
+    Raises:
+        ValueError: a required key (``x_h``, ``y_hp``, ``x_p``, ``y_p``) is missing.
+    """
+    missing = [k for k in ("x_h", "y_hp", "x_p", "y_p") if k not in batchdata]
+    if missing:
+        raise ValueError(f"synthesis batch lacks keys {missing}; it has {sorted(batchdata)}")
+    out: dict[str, torch.Tensor] = {}
+    for k in BATCH_KEYS:
+        if k not in batchdata:
+            continue
+        v = batchdata[k]
+        v = v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(v)
+        v = (v > 0).float() if k in _MASK_KEYS else v.float()
+        out[k] = v.to(device=device, non_blocking=non_blocking, **kwargs)
+    return out
+
+
+class CycleGANTrainer(Trainer):
+    """MONAI trainer of the mask-guided 3-D CycleGAN (paper Fig. 1): ``G_HP``, ``G_PH``, ``D_P``, ``D_H``.
+
+    Args:
+        device: where the networks and batches live.
+        max_epochs: epochs to run; ``epoch_length`` iterations each (default: the loader's length).
+        train_data_loader: yields batches as described in the module docstring.
+        G_HP, G_PH: generators (:class:`~cmb_synthesis.networks.CMBGenerator`), possibly DDP-wrapped.
+        D_P, D_H: critics (:class:`~cmb_synthesis.networks.CMBCritic`), possibly DDP-wrapped.
+        g_optimizer: optimiser over both generators' parameters.
+        d_optimizer: optimiser over both critics' parameters.
+        n_critic: critic steps per generator step (WGAN-GP: 5). The critic steps reuse the iteration's real
+            samples and the fakes of the current generators (one data batch per Ignite iteration) with a
+            fresh interpolation ``eps`` each step.
+        lambda_cc, lambda_id, lambda_am, lambda_gp, am_in_hph: loss weights, see :mod:`cmb_synthesis.losses`.
+        critic_objective_P, critic_objective_H, generator_objective: pre-built (e.g. DDP-wrapped) objective
+            modules; built from the networks and weights when None.
+        amp: autocast in ``amp_dtype`` (bf16 by default, no grad scaler needed); the gradient penalty stays fp32.
+        train_handlers: Ignite/MONAI handlers to attach (checkpoints, stats, validation, NaN guard, ...).
+
+    ``engine.state.output`` after each iteration: a dict of python floats with keys :data:`LOSS_KEYS`:
+    ``G`` total generator loss, ``D_P``/``D_H`` critic losses (last critic step), ``CC``/``ID``/``AM``/``GAN``
+    unweighted generator terms, ``GP`` mean penalty of both critics, ``W_P``/``W_H`` Wasserstein estimates
+    ``E[D(real)] - E[D(fake)]``. ``engine.state.synthesis_images`` holds the first sample's x_h, y_hp, x~_p,
+    reconstruction, x_p, y_p and x~_h (detached, for image grids).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        max_epochs: int,
+        train_data_loader: Any,
+        G_HP: nn.Module,
+        G_PH: nn.Module,
+        D_P: nn.Module,
+        D_H: nn.Module,
+        g_optimizer: torch.optim.Optimizer,
+        d_optimizer: torch.optim.Optimizer,
+        epoch_length: int | None = None,
+        n_critic: int = 5,
+        lambda_cc: float = 10.0,
+        lambda_id: float = 5.0,
+        lambda_am: float = 10.0,
+        lambda_gp: float = 10.0,
+        am_in_hph: bool = False,
+        critic_objective_P: nn.Module | None = None,
+        critic_objective_H: nn.Module | None = None,
+        generator_objective: nn.Module | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_cycle_batch,
+        iteration_update: Callable[[Engine, Any], Any] | None = None,
+        key_train_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        train_handlers: Sequence | None = None,
+        amp: bool = False,
+        amp_dtype: torch.dtype | str = torch.bfloat16,
+        optim_set_to_none: bool = True,
+        to_kwargs: dict | None = None,
+    ) -> None:
+        if n_critic < 1:
+            raise ValueError(f"n_critic must be >= 1, got {n_critic}")
+        super().__init__(
+            device=device,
+            max_epochs=max_epochs,
+            data_loader=train_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            iteration_update=iteration_update,
+            key_metric=key_train_metric,
+            additional_metrics=additional_metrics,
+            handlers=train_handlers,
+            amp=amp,
+            decollate=False,
+            to_kwargs=to_kwargs,
+        )
+        self.G_HP, self.G_PH, self.D_P, self.D_H = G_HP, G_PH, D_P, D_H
+        self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
+        self.n_critic = int(n_critic)
+        self.critic_objective_P = critic_objective_P or CriticObjective(D_P, lambda_gp)
+        self.critic_objective_H = critic_objective_H or CriticObjective(D_H, lambda_gp)
+        self.generator_objective = generator_objective or GeneratorObjective(
+            G_HP, G_PH, D_P, D_H, lambda_cc=lambda_cc, lambda_id=lambda_id, lambda_am=lambda_am, am_in_hph=am_in_hph
+        )
+        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
+        self.optim_set_to_none = optim_set_to_none
+
+    def run(self) -> None:  # type: ignore[override]
+        """Run training (resumes from ``self.state`` when a checkpoint was loaded). No grad scaler: amp is bf16."""
+        self.scaler = None
+        Workflow.run(self)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.amp:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(self.state.device).type, dtype=self.amp_dtype)
+
+    @staticmethod
+    def _set_requires_grad(nets: Sequence[nn.Module], flag: bool) -> None:
+        for net in nets:
+            for p in net.parameters():
+                p.requires_grad_(flag)
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+        if batchdata is None:
+            raise ValueError("must provide batch data for current iteration.")
+        b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        x_h, y_hp, x_p, y_p = b["x_h"], b["y_hp"], b["x_p"], b["y_p"]
+        x_p2 = b.get("x_p2", x_p)
+        bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
+        nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H)
+
+        # critic steps: D_P tells real x_p2 from x~_p = G_HP(x_h, y_hp); D_H tells real x_h from x~_h = G_PH(x_p, y_p)
+        with train_mode(*nets_g, *nets_d):
+            self._set_requires_grad(nets_d, True)
+            with torch.no_grad(), self._autocast():
+                fake_p = self.G_HP(x_h, y_hp).float()
+                fake_h = self.G_PH(x_p, y_p).float()
+            for _ in range(self.n_critic):
+                self.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+                with self._autocast():
+                    out_p = self.critic_objective_P(x_p2, fake_p)
+                    out_h = self.critic_objective_H(x_h, fake_h)
+                (out_p["loss"].float() + out_h["loss"].float()).backward()
+                self.d_optimizer.step()
+
+            # generator step: both cycles, critics frozen
+            self._set_requires_grad(nets_d, False)
+            self.g_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
+            with self._autocast():
+                g = self.generator_objective(x_h, y_hp, x_p, y_p, bm_h, bm_p)
+            g["G"].float().backward()
+            self.g_optimizer.step()
+            self._set_requires_grad(nets_d, True)
+
+        engine.state.synthesis_images = {
+            "x_h": x_h[0].detach(), "y_hp": y_hp[0].detach(), "fake_p": g["fake_p"][0], "rec_h": g["rec_h"][0],
+            "x_p": x_p[0].detach(), "y_p": y_p[0].detach(), "fake_h": g["fake_h"][0],
+        }  # fmt: skip
+        return {
+            "G": g["G"].item(),
+            "D_P": out_p["loss"].item(),
+            "D_H": out_h["loss"].item(),
+            "CC": g["CC"].item(),
+            "ID": g["ID"].item(),
+            "AM": g["AM"].item(),
+            "GAN": g["GAN"].item(),
+            "GP": 0.5 * (out_p["gp"].item() + out_h["gp"].item()),
+            "W_P": out_p["wasserstein"].item(),
+            "W_H": out_h["wasserstein"].item(),
+        }
+
+
+class SynthesisEvaluator(Evaluator):
+    """Validation evaluator: runs ``G_HP`` on healthy patches with sampled masks and ``G_PH`` on pathological
+    patches with their masks, and outputs :func:`~cmb_synthesis.synthesis_metrics.synthesis_stats` sums that
+    :class:`~cmb_synthesis.synthesis_metrics.SynthesisMetric` metrics turn into identity / fidelity / removal.
+
+    Batches carry ``x_h``, ``y_hp``, ``brainmask_h``, ``x_p``, ``y_p``, ``brainmask_p`` (no ``x_p2``).
+    """
+
+    def __init__(
+        self,
+        device: torch.device | str,
+        val_data_loader: Any,
+        G_HP: nn.Module,
+        G_PH: nn.Module,
+        epoch_length: int | None = None,
+        non_blocking: bool = False,
+        prepare_batch: Callable = prepare_cycle_batch,
+        key_val_metric: dict[str, Metric] | None = None,
+        additional_metrics: dict[str, Metric] | None = None,
+        metric_cmp_fn: Callable | None = None,
+        val_handlers: Sequence | None = None,
+        amp: bool = False,
+        amp_dtype: torch.dtype | str = torch.bfloat16,
+        shell: int = 2,
+        margin: int = 2,
+    ) -> None:
+        kwargs = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
+        super().__init__(
+            device=device,
+            val_data_loader=val_data_loader,
+            epoch_length=epoch_length,
+            non_blocking=non_blocking,
+            prepare_batch=prepare_batch,
+            key_val_metric=key_val_metric,
+            additional_metrics=additional_metrics,
+            val_handlers=val_handlers,
+            amp=amp,
+            mode=ForwardMode.EVAL,
+            decollate=False,
+            **kwargs,
+        )
+        self.G_HP, self.G_PH = G_HP, G_PH
+        self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
+        self.shell, self.margin = shell, margin
+
+    def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
+        b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
+        ctx = (
+            torch.autocast(device_type=torch.device(engine.state.device).type, dtype=self.amp_dtype)
+            if self.amp
+            else contextlib.nullcontext()
+        )
+        with eval_mode(self.G_HP, self.G_PH), ctx:
+            fake_p = self.G_HP(b["x_h"], b["y_hp"]).float()
+            fake_h = self.G_PH(b["x_p"], b["y_p"]).float()
+        return synthesis_stats(
+            b["x_h"], b["y_hp"], fake_p, b["x_p"], b["y_p"], fake_h,
+            b.get("brainmask_h"), b.get("brainmask_p"), shell=self.shell, margin=self.margin,
+        )  # fmt: skip

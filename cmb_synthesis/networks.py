@@ -1,0 +1,174 @@
+"""Networks of the mask-guided 3-D CycleGAN (Faryna et al., section 2): generators and critics.
+
+Paper symbols (the objects are created by the bundle config under these names):
+
+- ``G_HP(x_h, y_p) -> x~_p``: :class:`CMBGenerator`, paints CMBs on a healthy image where the mask says.
+- ``G_PH(x_p, y_p) -> x~_h``: :class:`CMBGenerator`, removes CMBs under the mask (pseudo-healthy).
+- ``D_P`` / ``D_H``: :class:`CMBCritic`, Wasserstein critics of the pathological / healthy domain.
+
+The generator follows Xia et al. 2020 (the paper's reference [15]) with every layer 3-D: a convolutional stem,
+two stride-2 downsamplings, residual blocks at 1/4 resolution, two transposed-convolution upsamplings with
+skip connections (concatenation) from the encoder, and a 1-channel head. Inputs of any size are padded inside
+to a multiple of 4 and the output is cropped back, so the paper's 160 x 146 x 32 patches work.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from monai.networks.nets import PatchDiscriminator
+
+__all__ = ["CMBGenerator", "CMBCritic", "ResidualBlock3d"]
+
+
+def _norm(kind: str | None, channels: int) -> nn.Module:
+    if kind is None or str(kind).lower() in ("none", ""):
+        return nn.Identity()
+    kind = str(kind).lower()
+    if kind == "instance":
+        return nn.InstanceNorm3d(channels, affine=True)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown generator norm {kind!r} (use 'instance', 'group' or None)")
+
+
+def _conv_block(cin: int, cout: int, kernel: int, stride: int, norm: str | None) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv3d(cin, cout, kernel, stride=stride, padding=kernel // 2, padding_mode="replicate"),
+        _norm(norm, cout),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
+
+
+class ResidualBlock3d(nn.Module):
+    """Two 3x3x3 convolutions with a identity shortcut: ``x + conv(act(norm(conv(x))))`` (shape preserved)."""
+
+    def __init__(self, channels: int, norm: str | None = "instance") -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv3d(channels, channels, 3, padding=1, padding_mode="replicate"),
+            _norm(norm, channels),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv3d(channels, channels, 3, padding=1, padding_mode="replicate"),
+            _norm(norm, channels),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.body(x)
+
+
+class CMBGenerator(nn.Module):
+    """Mask-guided 3-D generator used for both ``G_HP`` and ``G_PH``.
+
+    Args:
+        in_channels: image + mask channels (2 in the paper's setting).
+        out_channels: 1 (the synthetic image).
+        channels: width of the stem; the two downsampling stages use ``2 * channels`` and ``4 * channels``.
+        n_res_blocks: residual blocks at 1/4 resolution (Xia et al. use 6-9; the CPU preset uses 2).
+        stem_kernel: kernel of the stem convolution (7 as in Xia et al. / CycleGAN, 3 for cheap CPU runs).
+        norm: ``"instance"`` (default), ``"group"`` or ``None``.
+        output: ``"residual"`` (default): ``clamp(x + tanh(h), 0, 1)``; the head starts at zero so an untrained
+            generator is the identity and learning concentrates on the change (what CMB painting and removal
+            are). ``"sigmoid"``: ``sigmoid(h)``, a free image as in Xia et al. Both give values in [0, 1].
+
+    Forward:
+        ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
+        binary {0, 1} (any non-zero is treated as lesion); or ``image`` alone with both channels stacked
+        (B, 2, X, Y, Z), the form sliding-window inferers call. Returns (B, 1, X, Y, Z) in [0, 1].
+    """
+
+    def __init__(
+        self,
+        in_channels: int = 2,
+        out_channels: int = 1,
+        channels: int = 32,
+        n_res_blocks: int = 6,
+        stem_kernel: int = 7,
+        norm: str | None = "instance",
+        output: str = "residual",
+    ) -> None:
+        super().__init__()
+        if output not in ("residual", "sigmoid"):
+            raise ValueError(f"output must be 'residual' or 'sigmoid', got {output!r}")
+        if channels < 1 or n_res_blocks < 0:
+            raise ValueError(f"channels must be >= 1 and n_res_blocks >= 0, got {channels}, {n_res_blocks}")
+        self.in_channels, self.output = in_channels, output
+        c1, c2, c3 = channels, 2 * channels, 4 * channels
+        self.stem = _conv_block(in_channels, c1, stem_kernel, 1, norm)
+        self.down1 = _conv_block(c1, c2, 3, 2, norm)
+        self.down2 = _conv_block(c2, c3, 3, 2, norm)
+        self.res = nn.Sequential(*[ResidualBlock3d(c3, norm) for _ in range(n_res_blocks)])
+        self.up1 = nn.ConvTranspose3d(c3, c2, 2, stride=2)
+        self.fuse1 = _conv_block(2 * c2, c2, 3, 1, norm)
+        self.up2 = nn.ConvTranspose3d(c2, c1, 2, stride=2)
+        self.fuse2 = _conv_block(2 * c1, c1, 3, 1, norm)
+        self.head = nn.Conv3d(c1, out_channels, 1)
+        if output == "residual":
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
+
+    def forward(self, image: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if mask is None:
+            if image.shape[1] != self.in_channels:
+                raise ValueError(f"expected {self.in_channels} stacked channels, got input of shape {tuple(image.shape)}")
+            x = image
+            image = x[:, :1]
+        else:
+            x = torch.cat([image, (mask > 0).to(image.dtype)], dim=1)
+        if x.ndim != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) input, got shape {tuple(x.shape)}")
+        size = x.shape[2:]
+        pad = [(-s) % 4 for s in size]
+        if any(pad):
+            # F.pad lists the last dimension first
+            x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]], mode="replicate")
+        s = self.stem(x)
+        d1 = self.down1(s)
+        d2 = self.res(self.down2(d1))
+        u1 = self.fuse1(torch.cat([self.up1(d2), d1], dim=1))
+        u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
+        h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
+        if self.output == "residual":
+            return (image + torch.tanh(h)).clamp(0.0, 1.0)
+        return torch.sigmoid(h)
+
+
+class CMBCritic(nn.Module):
+    """3-D Wasserstein critic (``D_P`` / ``D_H``): MONAI's :class:`~monai.networks.nets.PatchDiscriminator`
+    with normalisation off (batch norm breaks the per-sample gradient penalty of WGAN-GP) and LeakyReLU(0.2).
+
+    Args:
+        in_channels: 1 (image only, as in the paper) or 2 (image + mask).
+        channels: width of the first layer, doubled at each further layer.
+        num_layers_d: stride-2 layers; each spatial size must stay >= 4 after them (use 2 for 16-slice
+            patches, 3 for the paper's 32-slice patches).
+        kernel_size: convolution kernel (4 as in pix2pix/CycleGAN PatchGAN critics).
+
+    Forward: ``x`` (B, in_channels, X, Y, Z) in [0, 1] -> unbounded patch scores (B, 1, X', Y', Z').
+    """
+
+    def __init__(self, in_channels: int = 1, channels: int = 32, num_layers_d: int = 3, kernel_size: int = 4) -> None:
+        super().__init__()
+        self.net = PatchDiscriminator(
+            spatial_dims=3,
+            channels=channels,
+            in_channels=in_channels,
+            out_channels=1,
+            num_layers_d=num_layers_d,
+            kernel_size=kernel_size,
+            norm=None,
+            bias=True,
+        )
+        self.num_layers_d = num_layers_d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 5:
+            raise ValueError(f"expected a (B, C, X, Y, Z) input, got shape {tuple(x.shape)}")
+        small = [s for s in x.shape[2:] if s // 2**self.num_layers_d < 4]
+        if small:
+            raise ValueError(
+                f"critic input {tuple(x.shape[2:])} too small for num_layers_d={self.num_layers_d}: every spatial "
+                f"size must be >= {4 * 2**self.num_layers_d}"
+            )
+        return self.net(x)[-1]
