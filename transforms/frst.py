@@ -31,6 +31,7 @@ training split with ``scripts/tune_frst.py`` (see ``docs/frst.md``).
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+import threading
 from typing import Any
 
 import numpy as np
@@ -97,45 +98,91 @@ def _frst_numpy(
     mask: np.ndarray | None,
     presmooth_sigma_mm: float,
     dtype: np.dtype,
+    workers: int = 1,
 ) -> np.ndarray:
-    vol = np.asarray(vol, dtype=dtype)
+    # The gradient, the voter selection and the vote offsets are always float64, so that both backends
+    # round the same offsets; ``dtype`` applies to the vote images and their smoothing.
+    vol = np.asarray(vol, dtype=np.float64)
     if presmooth_sigma_mm > 0:
         for ax in range(3):
             vol = ndimage.correlate1d(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]), axis=ax, mode="reflect")
     shape = vol.shape
-    grads = [ndimage.sobel(vol, axis=ax, mode="reflect") / (32.0 * spacing[ax]) for ax in range(3)]
-    mag = np.sqrt(grads[0] ** 2 + grads[1] ** 2 + grads[2] ** 2)
+    grads = []
+    for ax in range(3):
+        g = ndimage.sobel(vol, axis=ax, mode="reflect")
+        g *= 1.0 / (32.0 * spacing[ax])
+        grads.append(g)
+    mag = np.sqrt(grads[0] * grads[0] + grads[1] * grads[1] + grads[2] * grads[2])
     ref = mag[mask] if mask is not None else mag
     gmax = float(ref.max()) if ref.size else 0.0
-    out = np.zeros(shape, dtype=dtype)
     if gmax <= 0:
-        return out
+        return np.zeros(shape, dtype=dtype)
     sel = mag > beta * gmax
     if mask is not None:
         sel &= mask
-    idx = np.nonzero(sel)
-    m = mag[idx]
-    units = [grads[ax][idx] / m for ax in range(3)]
-    del grads, mag, sel
-    n_vox = int(np.prod(shape))
-    for n in radii_mm:
+    voters = np.flatnonzero(sel)
+    del sel
+    m = mag.ravel()[voters]
+    del mag
+    # unit gradient of the voters, scaled to voxels per mm along each axis
+    units = [grads[ax].ravel()[voters] / m for ax in range(3)]
+    del grads
+    # Votes are accumulated in a volume padded by the largest offset, so no bounds test is needed per vote;
+    # the padding (votes that fell outside the volume) is cropped away afterwards.
+    pad = [int(np.ceil(max(radii_mm) / s)) + 1 for s in spacing]
+    pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
+    strides = (pshape[1] * pshape[2], pshape[2], 1)
+    coords = np.unravel_index(voters, shape)
+    del voters
+    flat_p = (coords[0] + pad[0]) * strides[0] + (coords[1] + pad[1]) * strides[1] + (coords[2] + pad[2])
+    del coords
+    n_pad = int(np.prod(pshape))
+    crop = tuple(slice(p, p + s) for p, s in zip(pad, shape))
+
+    m64 = m.astype(np.float64)  # bincount accumulates in float64; convert once, not per radius
+    off_dtype = np.float64
+    local = threading.local()
+
+    def one_radius(n: float) -> np.ndarray:
         n = float(n)
         kappa = kappa_for_radius(n)
-        flat = np.zeros(m.shape, dtype=np.int64)
-        valid = np.ones(m.shape, dtype=bool)
+        if not hasattr(local, "off"):  # per-thread work buffers, reused across radii (page faults are costly)
+            local.off = np.empty(len(m), dtype=off_dtype)
+            local.tmp = np.empty(len(m), dtype=off_dtype)
+            local.flat = np.empty(len(m), dtype=np.int64)
+        off, tmp, flat = local.off, local.tmp, local.flat
+        off.fill(0)
         for ax in range(3):
-            t = idx[ax] - np.round(units[ax] * (n / spacing[ax])).astype(np.int64)
-            valid &= (t >= 0) & (t < shape[ax])
-            flat = flat * shape[ax] + t
-        flat = flat[valid]
-        orient = np.bincount(flat, minlength=n_vox).astype(dtype, copy=False)
-        magn = np.bincount(flat, weights=m[valid], minlength=n_vox).astype(dtype, copy=False)
+            np.multiply(units[ax], n / spacing[ax], out=tmp)
+            np.rint(tmp, out=tmp)
+            if strides[ax] != 1:
+                tmp *= strides[ax]
+            off += tmp
+        np.subtract(flat_p, off, out=flat, casting="unsafe")
+        orient = np.bincount(flat, minlength=n_pad).reshape(pshape)[crop].astype(dtype)
+        f = np.bincount(flat, weights=m64, minlength=n_pad).reshape(pshape)[crop].astype(dtype)
         np.minimum(orient, kappa, out=orient)
-        f = (magn / kappa) * (orient / kappa) ** alpha
-        f = f.reshape(shape)
+        orient *= 1.0 / kappa
+        f *= 1.0 / kappa
+        f *= orient**alpha if alpha != 2.0 else orient * orient
+        del orient
         for ax in range(3):
-            f = ndimage.correlate1d(f, _gaussian_kernel1d(0.25 * n / spacing[ax]), axis=ax, mode="reflect")
-        out += f * n
+            f = ndimage.correlate1d(f, _gaussian_kernel1d(0.25 * n / spacing[ax]).astype(dtype), axis=ax,
+                                    mode="reflect")
+        f *= n
+        return f
+
+    out = None
+    if workers > 1 and len(radii_mm) > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=workers) as ex:
+            for f in ex.map(one_radius, radii_mm):
+                out = f if out is None else np.add(out, f, out=out)
+    else:
+        for n in radii_mm:
+            f = one_radius(n)
+            out = f if out is None else np.add(out, f, out=out)
     out /= len(radii_mm)
     return out
 
@@ -153,13 +200,20 @@ def _correlate1d_torch(x: torch.Tensor, weights: Sequence[float], axis: int) -> 
     """``scipy.ndimage.correlate1d(x, weights, axis, mode='reflect')`` for odd-length weights."""
     r = len(weights) // 2
     n = x.shape[axis]
-    xp = x.index_select(axis, _symmetric_index(n, r, x.device)) if r > 0 else x
+    if r == 0:
+        xp = x
+    elif r <= n:  # mirror slabs concatenated (much faster than index_select along inner axes on the CPU)
+        xp = torch.cat([x.narrow(axis, 0, r).flip(axis), x, x.narrow(axis, n - r, r).flip(axis)], dim=axis)
+    else:
+        xp = x.index_select(axis, _symmetric_index(n, r, x.device))
     out = None
     for j, w in enumerate(weights):
         if w == 0:
             continue
-        term = xp.narrow(axis, j, n) * float(w)
-        out = term if out is None else out + term
+        if out is None:
+            out = xp.narrow(axis, j, n) * float(w)
+        else:
+            out.add_(xp.narrow(axis, j, n), alpha=float(w))
     return out if out is not None else torch.zeros_like(x)
 
 
@@ -181,7 +235,7 @@ def _frst_torch(
     presmooth_sigma_mm: float,
     dtype: torch.dtype,
 ) -> torch.Tensor:
-    vol = vol.to(dtype)
+    vol = vol.to(torch.float64)  # gradient, selection and offsets in float64 (see _frst_numpy)
     if presmooth_sigma_mm > 0:
         for ax in range(3):
             vol = _correlate1d_torch(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]).tolist(), ax)
@@ -200,23 +254,31 @@ def _frst_torch(
     m = mag[idx]
     units = [grads[ax][idx] / m for ax in range(3)]
     del grads, mag, sel
-    n_vox = int(np.prod(shape))
+    pad = [int(np.ceil(max(radii_mm) / s)) + 1 for s in spacing]  # padded accumulation, as in _frst_numpy
+    pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
+    strides = (pshape[1] * pshape[2], pshape[2], 1)
+    flat_p = (idx[0] + pad[0]) * strides[0] + (idx[1] + pad[1]) * strides[1] + (idx[2] + pad[2])
+    del idx
+    n_pad = int(np.prod(pshape))
+    crop = tuple(slice(p, p + s) for p, s in zip(pad, shape))
+    ones = torch.ones_like(m)
     for n in radii_mm:
         n = float(n)
         kappa = kappa_for_radius(n)
-        flat = torch.zeros(m.shape, dtype=torch.int64, device=vol.device)
-        valid = torch.ones(m.shape, dtype=torch.bool, device=vol.device)
+        off = torch.zeros_like(m)
         for ax in range(3):
-            t = idx[ax] - torch.round(units[ax] * (n / spacing[ax])).to(torch.int64)
-            valid &= (t >= 0) & (t < shape[ax])
-            flat = flat * shape[ax] + t
-        flat = flat[valid]
-        orient = torch.zeros(n_vox, dtype=dtype, device=vol.device)
-        orient.index_add_(0, flat, torch.ones_like(flat, dtype=dtype))
-        magn = torch.zeros(n_vox, dtype=dtype, device=vol.device)
-        magn.index_add_(0, flat, m[valid])
-        orient.clamp_(max=kappa)
-        f = ((magn / kappa) * (orient / kappa) ** alpha).reshape(shape)
+            off += torch.round(units[ax] * (n / spacing[ax])) * strides[ax]
+        flat = flat_p - off.to(torch.int64)
+        del off
+        orient = torch.zeros(n_pad, dtype=torch.float64, device=vol.device).index_add_(0, flat, ones)
+        magn = torch.zeros(n_pad, dtype=torch.float64, device=vol.device).index_add_(0, flat, m)
+        del flat
+        orient = orient.reshape(pshape)[crop].to(dtype)
+        f = magn.reshape(pshape)[crop].to(dtype)
+        del magn
+        orient.clamp_(max=kappa).mul_(1.0 / kappa)
+        f.mul_(1.0 / kappa).mul_(orient**alpha if alpha != 2.0 else orient * orient)
+        del orient
         for ax in range(3):
             f = _correlate1d_torch(f, _gaussian_kernel1d(0.25 * n / spacing[ax]).tolist(), ax)
         out += f * n
@@ -235,6 +297,7 @@ def frst_3d(
     mask: np.ndarray | torch.Tensor | None = None,
     presmooth_sigma_mm: float = DEFAULT_PRESMOOTH_SIGMA_MM,
     dtype: Any = None,
+    workers: int = 1,
 ) -> np.ndarray | torch.Tensor:
     """Dark-polarity 3-D Fast Radial Symmetry Transform of ``volume``.
 
@@ -250,6 +313,8 @@ def frst_3d(
             taken inside it (votes may still land outside it).
         presmooth_sigma_mm: Gaussian smoothing of the intensities before the gradient (0: none).
         dtype: computation dtype (default float64; float32 halves memory at ~1e-6 relative error).
+        workers: numpy backend: threads processing radii in parallel (SciPy and NumPy release the GIL);
+            the torch backend uses torch's intra-op threads instead.
 
     Returns:
         The FRST map with the shape of ``volume``, ``>= 0`` and large at the centres of dark blobs;
@@ -273,7 +338,7 @@ def frst_3d(
         if mask is not None:
             mk = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) > 0
         out = _frst_numpy(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm),
-                          np.dtype(dtype or np.float64))
+                          np.dtype(dtype or np.float64), workers=int(workers))
         return out[None] if channel else out
     v = vol if is_tensor else torch.as_tensor(np.asarray(vol))
     v = v.as_tensor() if hasattr(v, "as_tensor") else v  # MetaTensor -> plain tensor
