@@ -19,6 +19,7 @@ size and any number of lesions combine exactly. Definitions (images in [0, 1], m
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -134,6 +135,10 @@ class SynthesisMetric(Metric):
 
     def update(self, output: Mapping[str, float]) -> None:
         self._sums += torch.tensor([float(output[k]) for k in STAT_KEYS], dtype=torch.float64)
+
+    def iteration_completed(self, engine: Any) -> None:
+        # the output is a dict of sums, not the (y_pred, y) pair ignite expects by default
+        self.update(self._output_transform(engine.state.output))
 
     def compute(self) -> float:
         import ignite.distributed as idist

@@ -1,0 +1,227 @@
+"""Training and validation data of the mask-guided CycleGAN (paper section 2, "Lesion synthesis framework").
+
+Each training item is one CycleGAN step's worth of patches (every tensor (1, X, Y, Z), images in [0, 1]):
+
+- ``x_h``, ``y_hp``, ``brainmask_h``: a healthy patch and a semi-random pathology mask drawn by
+  :class:`transforms.lesion_mask.RandLesionMaskd` from the training lesion bank; the crop is centred on a
+  sampled lesion (``RandCropByPosNegLabeld``, pos only) so every patch has something to paint.
+- ``x_p``, ``y_p``, ``brainmask_p``: a pathological patch with its own lesion mask; lesion-containing crops are
+  oversampled (``pos : neg`` = ``pos_ratio : 1``).
+- ``x_p2``: an independent pathological patch (another random scan and crop), the critic ``D_P``'s real sample.
+
+Volumes are preprocessed once (``transforms.pipelines.preprocessing``: load, RAS, checks, brain-mask
+percentile clip [0, 99.5] and rescale to [0, 1]) and cached in memory by MONAI ``CacheDataset``; only the
+random mask sampling and cropping run per step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import CacheDataset, load_decathlon_datalist
+from monai.transforms import Compose, Randomizable, RandCropByPosNegLabeld
+
+__all__ = [
+    "load_groups",
+    "healthy_patch_transforms",
+    "pathological_patch_transforms",
+    "CycleGANPatchDataset",
+    "training_dataset",
+    "validation_patches",
+]
+
+
+def load_groups(datalist: str | Path, split: str = "training") -> tuple[list[dict], list[dict]]:
+    """(healthy items, pathological items) of ``split`` of a decathlon-style ``datalist.json`` (absolute paths).
+
+    Raises:
+        FileNotFoundError: the datalist does not exist.
+        ValueError: the split is missing or has no healthy or no pathological item.
+    """
+    datalist = Path(datalist)
+    if not datalist.is_file():
+        raise FileNotFoundError(f"{datalist}: datalist does not exist")
+    try:
+        items = load_decathlon_datalist(str(datalist), True, split)
+    except Exception as e:
+        raise ValueError(f"{datalist}: cannot read split {split!r} ({e})") from e
+    healthy = [dict(i) for i in items if i.get("group") == "healthy"]
+    patho = [dict(i) for i in items if i.get("group") == "pathological"]
+    if not healthy or not patho:
+        raise ValueError(
+            f"{datalist}: split {split!r} needs healthy and pathological items, has {len(healthy)} healthy and "
+            f"{len(patho)} pathological"
+        )
+    return healthy, patho
+
+
+def _preprocessing() -> Compose:
+    from transforms.pipelines import preprocessing
+
+    return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+
+
+def _crop(patch_size: Sequence[int], pos: float, neg: float) -> RandCropByPosNegLabeld:
+    return RandCropByPosNegLabeld(
+        keys=("image", "label", "brainmask"),
+        label_key="label",
+        spatial_size=tuple(int(s) for s in patch_size),
+        pos=pos,
+        neg=neg,
+        num_samples=1,
+        image_key="brainmask",
+        image_threshold=0,
+        allow_smaller=False,
+    )
+
+
+def healthy_patch_transforms(bank: Any, patch_size: Sequence[int], n_lesions: int | None = None) -> Compose:
+    """Random part for healthy volumes: sample a lesion mask into ``label``, crop a patch centred on a lesion."""
+    from transforms.lesion_mask import RandLesionMaskd
+
+    return Compose(
+        [
+            RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions),
+            _crop(patch_size, pos=1.0, neg=0.0),
+        ]
+    )
+
+
+def pathological_patch_transforms(patch_size: Sequence[int], pos_ratio: float = 3.0) -> Compose:
+    """Random part for pathological volumes: crops centred on a lesion voxel with odds ``pos_ratio : 1``,
+    otherwise on a brain voxel (lesion oversampling)."""
+    return Compose([_crop(patch_size, pos=pos_ratio, neg=1.0)])
+
+
+def _first(x: Any) -> Any:
+    return x[0] if isinstance(x, list) else x
+
+
+class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
+    """Pairs healthy and pathological patch datasets into CycleGAN items (keys in the module docstring).
+
+    Item ``i`` uses healthy volume ``i mod n_h``, and two pathological volumes drawn at random (``x_p`` and the
+    independent ``x_p2``). ``length`` sets the epoch size (default ``max(n_h, n_p)``).
+    """
+
+    def __init__(self, healthy: torch.utils.data.Dataset, pathological: torch.utils.data.Dataset, length: int | None = None, seed: int = 0):
+        if len(healthy) == 0 or len(pathological) == 0:
+            raise ValueError("CycleGANPatchDataset needs at least one healthy and one pathological volume")
+        self.healthy, self.pathological = healthy, pathological
+        self.length = int(length) if length else max(len(healthy), len(pathological))
+        self.set_random_state(seed)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def randomize(self, data: Any = None) -> None:
+        n = len(self.pathological)
+        self._j, self._k = self.R.randint(n), self.R.randint(n)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        self.randomize()
+        h = _first(self.healthy[i % len(self.healthy)])
+        p = _first(self.pathological[self._j])
+        p2 = _first(self.pathological[self._k])
+        return {
+            "x_h": h["image"], "y_hp": h["label"], "brainmask_h": h["brainmask"],
+            "x_p": p["image"], "y_p": p["label"], "brainmask_p": p["brainmask"],
+            "x_p2": p2["image"],
+        }  # fmt: skip
+
+
+def _as_plain(data: dict) -> dict:
+    """Drop metadata (MetaTensor -> Tensor) so batches collate fast and identical across keys."""
+    out = {}
+    for k in ("image", "label", "brainmask"):
+        v = data[k]
+        v = v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(np.asarray(v))
+        out[k] = v.float() if k == "image" else (v > 0).to(torch.uint8) if k == "brainmask" else v.to(torch.int32)
+    return out
+
+
+def training_dataset(
+    datalist: str | Path,
+    bank: Any,
+    patch_size: Sequence[int] = (64, 64, 16),
+    length: int | None = None,
+    n_lesions: int | None = None,
+    pos_ratio: float = 3.0,
+    split: str = "training",
+    cache_rate: float = 1.0,
+    num_workers: int = 0,
+    seed: int = 0,
+) -> CycleGANPatchDataset:
+    """The training :class:`CycleGANPatchDataset`: cached preprocessed volumes + per-step sampling/cropping.
+
+    Args:
+        datalist: decathlon ``datalist.json`` with ``group`` per item (the phantom's format).
+        bank: a :class:`transforms.lesion_mask.LesionBank` (or the path of a saved ``.npz``).
+        patch_size: crop size (X, Y, Z); the paper uses (160, 146, 32), the CPU preset (64, 64, 16).
+        length: items per epoch; n_lesions: lesions per sampled mask (None: the sampler's default).
+        pos_ratio: lesion-centred : random crops for pathological patches.
+        cache_rate, num_workers: MONAI ``CacheDataset`` settings (preprocessing runs once per volume).
+    """
+    healthy, patho = load_groups(datalist, split)
+    pre = list(_preprocessing().flatten().transforms)  # flat, so CacheDataset caches up to the first random step
+    h_ds = CacheDataset(
+        healthy,
+        Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions).transforms) + [_as_plain]),
+        cache_rate=cache_rate,
+        num_workers=num_workers,
+        progress=False,
+    )
+    p_ds = CacheDataset(
+        patho,
+        Compose(pre + list(pathological_patch_transforms(patch_size, pos_ratio).transforms) + [_as_plain]),
+        cache_rate=cache_rate,
+        num_workers=num_workers,
+        progress=False,
+    )
+    return CycleGANPatchDataset(h_ds, p_ds, length=length, seed=seed)
+
+
+def validation_patches(
+    datalist: str | Path,
+    bank: Any,
+    patch_size: Sequence[int] = (64, 64, 16),
+    patches_per_volume: int = 4,
+    n_lesions: int | None = None,
+    split: str = "validation",
+    seed: int = 12345,
+) -> list[dict[str, torch.Tensor]]:
+    """A fixed list of validation items (same keys as training, no ``x_p2``), drawn once with ``seed``.
+
+    Healthy volumes get sampled masks and lesion-centred crops; pathological volumes lesion-centred crops of
+    their real lesions. The two lists are paired by index (the shorter one cycles), so every patch is used.
+    """
+    healthy, patho = load_groups(datalist, split)
+    pre = _preprocessing()
+    h_rand = healthy_patch_transforms(bank, patch_size, n_lesions)
+    p_rand = pathological_patch_transforms(patch_size, pos_ratio=1.0)
+    p_rand.transforms[0].neg = 0.0  # validation: lesion-centred only
+    p_rand.transforms[0].pos_ratio = 1.0
+    h_rand.set_random_state(seed)
+    p_rand.set_random_state(seed + 1)
+    h_patches, p_patches = [], []
+    for item in healthy:
+        vol = pre(dict(item))
+        for _ in range(patches_per_volume):
+            h_patches.append(_as_plain(_first(h_rand(dict(vol)))))
+    for item in patho:
+        vol = pre(dict(item))
+        for _ in range(patches_per_volume):
+            p_patches.append(_as_plain(_first(p_rand(dict(vol)))))
+    n = max(len(h_patches), len(p_patches))
+    out = []
+    for i in range(n):
+        h, p = h_patches[i % len(h_patches)], p_patches[i % len(p_patches)]
+        out.append({
+            "x_h": h["image"], "y_hp": h["label"], "brainmask_h": h["brainmask"],
+            "x_p": p["image"], "y_p": p["label"], "brainmask_p": p["brainmask"],
+        })  # fmt: skip
+    return out
