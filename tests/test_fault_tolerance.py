@@ -1,0 +1,194 @@
+"""Fault tolerance: a training run killed with SIGKILL mid-epoch and resumed ends where an uninterrupted run ends.
+
+The runs are real ``python -m monai.bundle run training`` subprocesses of a tiny MONAI bundle config (random
+flips/noise, shuffling, Adam, a CheckpointSaver every epoch) with :class:`cmb_synthesis.resume.EpochReseed`
+and :class:`cmb_synthesis.resume.ResumeFromLatest` attached; the parent kills the run with SIGKILL in the
+middle of an epoch.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cmb_synthesis.resume import EpochReseed, epoch_seed, find_latest_checkpoint, is_complete_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A handler that stops the process at a given (epoch, iteration-in-epoch) so the parent can SIGKILL it there.
+KILLPOINT = '''
+import os, time
+from pathlib import Path
+from ignite.engine import Events
+
+class KillPoint:
+    """At ITERATION_COMPLETED of (epoch, iter_in_epoch): write ``marker`` and wait to be killed."""
+    def __init__(self, marker, epoch, iteration_in_epoch, enabled=True):
+        self.marker, self.epoch, self.it, self.enabled = Path(marker), int(epoch), int(iteration_in_epoch), enabled
+    def attach(self, engine):
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self)
+    def __call__(self, engine):
+        in_epoch = (engine.state.iteration - 1) % engine.state.epoch_length + 1
+        if self.enabled and engine.state.epoch == self.epoch and in_epoch == self.it:
+            self.marker.write_text(str(os.getpid()))
+            time.sleep(120)
+'''
+
+TINY_BUNDLE = """
+imports: ["$import torch", "$import numpy as np", "$import monai", "$import cmb_synthesis.resume", "$import killpoint"]
+seed: 3
+max_epochs: 4
+run_dir: "."
+ckpt_dir: "$@run_dir + '/models'"
+kill_epoch: 0
+device: "$torch.device('cpu')"
+data: "$[{'image': np.random.RandomState(i).rand(1, 8, 8, 8).astype('float32'), 'label': np.random.RandomState(100 + i).rand(1, 8, 8, 8).astype('float32')} for i in range(6)]"
+network: "$torch.nn.Sequential(torch.nn.Conv3d(1, 4, 3, padding=1), torch.nn.PReLU(), torch.nn.Dropout(0.2), torch.nn.Conv3d(4, 1, 3, padding=1))"
+optimizer: {_target_: torch.optim.Adam, params: "$@network.parameters()", lr: 0.01}
+transforms:
+  _target_: monai.transforms.Compose
+  transforms:
+    - {_target_: monai.transforms.RandFlipd, keys: [image, label], prob: 0.5, spatial_axis: 0}
+    - {_target_: monai.transforms.RandGaussianNoised, keys: image, prob: 0.5, std: 0.1}
+dataset: {_target_: monai.data.Dataset, data: "@data", transform: "@transforms"}
+loader: {_target_: monai.data.DataLoader, dataset: "@dataset", batch_size: 2, shuffle: true, num_workers: 0}
+handlers:
+  - {_target_: cmb_synthesis.resume.EpochReseed, seed: "@seed"}
+  - {_target_: killpoint.KillPoint, marker: "$@run_dir + '/killed_here'", epoch: "@kill_epoch", iteration_in_epoch: 2}
+# handlers that save/restore the trainer itself are attached in `run` (the trainer cannot list them: cycle)
+checkpoint_handlers:
+  - _target_: cmb_synthesis.resume.ResumeFromLatest
+    checkpoint_dir: "@ckpt_dir"
+    load_dict: {network: "@network", optimizer: "@optimizer", trainer: "@trainer"}
+  - _target_: CheckpointSaver
+    save_dir: "@ckpt_dir"
+    save_dict: {network: "@network", optimizer: "@optimizer", trainer: "@trainer"}
+    save_interval: 1
+    n_saved: 2
+trainer:
+  _target_: SupervisedTrainer
+  device: "@device"
+  max_epochs: "@max_epochs"
+  train_data_loader: "@loader"
+  network: "@network"
+  optimizer: "@optimizer"
+  loss_function: "$torch.nn.MSELoss()"
+  train_handlers: "@handlers"
+initialize: ["$monai.utils.set_determinism(seed=123)"]
+run: ["$[h.attach(@trainer) for h in @checkpoint_handlers]", "$@trainer.run()", "$torch.save(@network.state_dict(), @run_dir + '/final.pt')",
+  "$open(@run_dir + '/resumed_from.txt', 'w').write(str(@trainer.state.resumed_from))"]
+"""
+
+
+def _env(tmp: Path) -> dict:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp}{os.pathsep}{REPO}")
+    return env
+
+
+def _cmd(cfg: Path, run_dir: Path, **overrides) -> list[str]:
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg), "--run_dir", str(run_dir)]
+    for k, v in overrides.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+@pytest.fixture(scope="module")
+def tiny_bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("ft")
+    (tmp / "killpoint.py").write_text(KILLPOINT)
+    (tmp / "train.yaml").write_text(TINY_BUNDLE)
+    return tmp
+
+
+@pytest.mark.e2e
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_bundle):
+    tmp, cfg = tiny_bundle, tiny_bundle / "train.yaml"
+    env = _env(tmp)
+    ref_dir, run_dir = tmp / "uninterrupted", tmp / "killed"
+    ref = subprocess.Popen(_cmd(cfg, ref_dir), env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+    # run 1: SIGKILL in the middle of epoch 3 (iteration 2 of 3)
+    proc = subprocess.Popen(
+        _cmd(cfg, run_dir, kill_epoch=3), env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    marker = run_dir / "killed_here"
+    deadline = time.time() + 120
+    while not marker.exists():
+        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert time.time() < deadline, "training never reached the kill point"
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (run_dir / "final.pt").exists()
+    # at most one epoch lost: the checkpoint of epoch 2 (the one before the killed epoch) is there and complete
+    latest = find_latest_checkpoint(run_dir / "models")
+    assert latest is not None and latest.endswith("checkpoint_epoch=2.pt")
+    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 2 * 3  # 6 samples, batch 2
+
+    # run 2: the same command resumes from epoch 2 and finishes
+    out = subprocess.run(_cmd(cfg, run_dir), env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (run_dir / "resumed_from.txt").read_text() == latest
+    ref_out = ref.communicate(timeout=300)[0].decode()
+    assert ref.returncode == 0, ref_out[-3000:]
+
+    assert (ref_dir / "resumed_from.txt").read_text() == "None"
+    final_ref = torch.load(ref_dir / "final.pt", weights_only=True)
+    final_resumed = torch.load(run_dir / "final.pt", weights_only=True)
+    assert torch.load(find_latest_checkpoint(ref_dir / "models"), weights_only=True)["trainer"]["iteration"] == 12
+    for k in final_ref:
+        torch.testing.assert_close(final_resumed[k], final_ref[k], rtol=0, atol=0)
+    # and the resumed run really trained (weights differ from the epoch-2 checkpoint it started from)
+    start = torch.load(latest, weights_only=True)["network"]
+    assert any(not torch.equal(start[k], final_resumed[k]) for k in start)
+
+
+def test_without_reseed_a_resumed_run_diverges():
+    """The control: an epoch's random draws depend on the history unless EpochReseed resets them."""
+
+    class _State:
+        epoch = 0
+
+    class _Engine:
+        state = _State()
+        data_loader = None
+
+    def draws(reseed: bool, start_epoch: int) -> list[float]:
+        torch.manual_seed(0)
+        eng = _Engine()
+        seeder = EpochReseed(seed=5, rank=0)
+        out = []
+        for epoch in range(start_epoch, 4):
+            eng.state.epoch = epoch
+            if reseed:
+                seeder(eng)
+            out.append(float(torch.rand(1)) + float(np.random.rand()))
+        return out
+
+    assert draws(True, 1)[-2:] == draws(True, 2)[-2:]
+    assert draws(False, 1)[-2:] != draws(False, 2)[-2:]
+    assert epoch_seed(5, 2, 0) != epoch_seed(5, 2, 1) != epoch_seed(5, 3, 0)
+
+
+def test_find_latest_checkpoint_skips_truncated(tmp_path):
+    assert find_latest_checkpoint(tmp_path / "missing") is None
+    for e in (1, 2, 10):
+        torch.save({"trainer": {"iteration": e}, "w": torch.randn(256)}, tmp_path / f"checkpoint_epoch={e}.pt")
+    assert find_latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")  # numeric, not lexical
+    # a save interrupted by a kill leaves a truncated file: it is skipped
+    data = (tmp_path / "checkpoint_epoch=10.pt").read_bytes()
+    (tmp_path / "checkpoint_epoch=10.pt").write_bytes(data[: len(data) // 2])
+    assert not is_complete_checkpoint(tmp_path / "checkpoint_epoch=10.pt")
+    assert find_latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
+    (tmp_path / ".checkpoint_epoch=11.pt.tmp").write_bytes(data)
+    assert find_latest_checkpoint(tmp_path, pattern="*").endswith("checkpoint_epoch=2.pt")
