@@ -107,11 +107,18 @@ def _frst_numpy(
         for ax in range(3):
             vol = ndimage.correlate1d(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]), axis=ax, mode="reflect")
     shape = vol.shape
-    grads = []
-    for ax in range(3):
+    def sobel(ax: int) -> np.ndarray:
         g = ndimage.sobel(vol, axis=ax, mode="reflect")
         g *= 1.0 / (32.0 * spacing[ax])
-        grads.append(g)
+        return g
+
+    if workers > 1:  # scipy.ndimage releases the GIL
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(max_workers=min(workers, 3)) as ex:
+            grads = list(ex.map(sobel, range(3)))
+    else:
+        grads = [sobel(ax) for ax in range(3)]
     mag = np.sqrt(grads[0] * grads[0] + grads[1] * grads[1] + grads[2] * grads[2])
     ref = mag[mask] if mask is not None else mag
     gmax = float(ref.max()) if ref.size else 0.0
