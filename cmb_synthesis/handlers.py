@@ -152,6 +152,8 @@ class MetricsJSONWriter:
         record: dict[str, Any] = {"metrics": metrics}
         if self.trainer is not None:
             record.update(iteration=self.trainer.state.iteration, epoch=self.trainer.state.epoch)
+        else:  # a MONAI evaluator run by ValidationHandler carries the trainer's epoch
+            record["epoch"] = engine.state.epoch
         record["elapsed_s"] = round(time.time() - self._t0, 1)
         self.history.append(record)
         write_json({**record, **self.extra, "history": self.history}, self.path)

@@ -1,0 +1,111 @@
+"""Montage of trained synthesis: healthy | sampled mask | synthetic (G_HP), pathological | its mask |
+pseudo-healthy (G_PH), each with a close-up around a lesion, on the axial slice holding the most mask voxels.
+
+    python scripts/synthesis_montage.py [--bundle_dir bundles/cmb_synthesis] [--datalist DATALIST]
+        [--split validation] [--seed 0] [--output bundles/cmb_synthesis/docs/synthesis_montage.png]
+
+Uses the trained ``models/G_HP.pt``, ``models/G_PH.pt`` and ``models/lesion_bank.npz`` and the generator
+widths of ``configs/train.yaml`` (pass ``--config configs/paper.yaml`` values via --g_channels etc. if needed).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.patches as mpatches  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+from cmb_synthesis.io import atomic_output  # noqa: E402
+from cmb_synthesis.networks import CMBGenerator  # noqa: E402
+from cmb_synthesis.synthesis_infer import find_scans, load_scan, synthesize_volume  # noqa: E402
+from cmb_synthesis.weights import load_network_weights  # noqa: E402
+
+
+def _slice_and_box(label: np.ndarray, half: int = 16):
+    counts = (label > 0).sum(axis=(0, 1))
+    z = int(np.argmax(counts))
+    xs, ys = np.nonzero(label[:, :, z] > 0)
+    cx, cy = int(np.median(xs)), int(np.median(ys))
+    x0 = int(np.clip(cx - half, 0, label.shape[0] - 2 * half))
+    y0 = int(np.clip(cy - half, 0, label.shape[1] - 2 * half))
+    return z, (x0, y0, 2 * half)
+
+
+def _show(ax, img, title, box=None, mask=None, close=False):
+    x0, y0, w = box
+    view = img[x0 : x0 + w, y0 : y0 + w] if close else img
+    ax.imshow(view.T, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+    if mask is not None:
+        m = mask[x0 : x0 + w, y0 : y0 + w] if close else mask
+        ax.contour((m > 0).T.astype(float), levels=[0.5], colors="red", linewidths=0.8, origin="lower")
+    if not close:
+        ax.add_patch(mpatches.Rectangle((x0, y0), w, w, fill=False, edgecolor="yellow", linewidth=0.8))
+    ax.set_title(title, fontsize=8)
+    ax.axis("off")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--bundle_dir", default="bundles/cmb_synthesis")
+    ap.add_argument("--datalist", default=None, help="default: <bundle_dir>/data/phantom/datalist.json")
+    ap.add_argument("--split", default="validation")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--n_lesions", type=int, default=None)
+    ap.add_argument("--output", default=None)
+    args = ap.parse_args()
+    bundle = Path(args.bundle_dir)
+    cfg = yaml.safe_load((bundle / "configs" / "train.yaml").read_text())
+    gen = lambda: CMBGenerator(  # noqa: E731
+        channels=cfg["g_channels"], n_res_blocks=cfg["g_res_blocks"], stem_kernel=cfg["g_stem_kernel"], output=cfg["g_output"]
+    )
+    G_HP = load_network_weights(gen(), bundle / "models" / "G_HP.pt")
+    G_PH = load_network_weights(gen(), bundle / "models" / "G_PH.pt")
+    datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
+    import json
+
+    from transforms.lesion_mask import LesionBank
+
+    bank = LesionBank.load(bundle / "models" / "lesion_bank.npz")
+    items = json.loads(datalist.read_text())[args.split]
+    ids_h = {i["id"] for i in items if i["group"] == "healthy"}
+    ids_p = {i["id"] for i in items if i["group"] == "pathological"}
+    healthy = [j for j in find_scans(datalist, "pathological") if j.id in ids_h][0]
+    patho = [j for j in find_scans(datalist, "pseudo_healthy") if j.id in ids_p][0]
+
+    with torch.no_grad():
+        h = load_scan(healthy, "pathological", bank, args.n_lesions, args.seed)
+        syn = synthesize_volume(G_HP, h["image"], h["label"])[0].numpy()
+        p = load_scan(patho, "pseudo_healthy")
+        ph = synthesize_volume(G_PH, p["image"], p["label"])[0].numpy()
+
+    fig, axes = plt.subplots(2, 6, figsize=(15, 5.6))
+    for row, (scan, out, names) in enumerate(
+        [(h, syn, ("healthy x_h", "sampled mask y_p", "synthetic G_HP(x_h, y_p)")),
+         (p, ph, ("pathological x_p", "its mask y_p", "pseudo-healthy G_PH(x_p, y_p)"))]
+    ):  # fmt: skip
+        img, lab = scan["image"][0].numpy(), scan["label"][0].numpy()
+        z, box = _slice_and_box(lab)
+        a, m, o = img[:, :, z], lab[:, :, z], out[:, :, z]
+        _show(axes[row, 0], a, f"{names[0]} (z={z})", box)
+        _show(axes[row, 1], a, names[1], box, mask=m)
+        _show(axes[row, 2], o, names[2], box)
+        _show(axes[row, 3], a, "close-up: input", box, close=True)
+        _show(axes[row, 4], a, "close-up: mask", box, mask=m, close=True)
+        _show(axes[row, 5], o, "close-up: output", box, close=True)
+    fig.suptitle(f"cmb_synthesis: {healthy.id} (top), {patho.id} (bottom); red = mask, yellow = close-up", fontsize=9)
+    fig.tight_layout()
+    out_path = Path(args.output or bundle / "docs" / "synthesis_montage.png")
+    with atomic_output(out_path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    print(out_path)
+
+
+if __name__ == "__main__":
+    main()
