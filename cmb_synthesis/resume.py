@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import re
+import types
 import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -36,12 +37,12 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.data.utils import set_rnd
 from monai.handlers import CheckpointLoader
+from monai.utils import MAX_SEED
 
 PathLike = str | os.PathLike
 
-__all__ = ["epoch_seed", "EpochReseed", "ResumeFromLatest", "find_latest_checkpoint", "is_complete_checkpoint"]
+__all__ = ["epoch_seed", "reseed_tree", "EpochReseed", "ResumeFromLatest", "find_latest_checkpoint", "is_complete_checkpoint"]
 
 _STEP_RE = re.compile(r"(epoch|iteration)=(\d+)")
 
@@ -50,6 +51,51 @@ def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
     """A 31-bit seed derived from ``(seed, epoch, rank)`` with NumPy's ``SeedSequence`` (no overlap between
     neighbouring seeds or epochs, different per distributed rank)."""
     return int(np.random.SeedSequence([int(seed), int(epoch), int(rank)]).generate_state(1, np.uint32)[0] >> 1)
+
+
+_LEAF_TYPES = (
+    str, bytes, int, float, bool, complex, type(None), np.ndarray, np.generic, torch.Tensor, type, logging.Logger,
+    types.ModuleType, types.FunctionType, types.MethodType, types.BuiltinFunctionType,
+)  # fmt: skip
+
+
+def reseed_tree(obj: Any, seed: int, _visited: set | None = None) -> int:
+    """Seed every random-state holder reachable from ``obj``; return the next unused seed.
+
+    Like MONAI's :func:`monai.data.utils.set_rnd` (it walks lists/tuples and object attributes and calls
+    ``set_random_state`` on ``Randomizable`` objects), but it also descends *into* randomizable objects (a
+    ``Randomizable`` dataset that wraps datasets with random transforms gets all of them reseeded) and it
+    seeds ``torch.Generator`` / NumPy generators it meets. Each holder gets its own seed (``seed``, ``seed+1``,
+    ... in attribute order, which is deterministic); cycles are visited once.
+    """
+    visited = set() if _visited is None else _visited
+    if isinstance(obj, _LEAF_TYPES) or id(obj) in visited:
+        return seed
+    visited.add(id(obj))
+    if isinstance(obj, torch.Generator):
+        obj.manual_seed(seed)
+        return seed + 1
+    if isinstance(obj, np.random.RandomState):
+        obj.seed(seed % MAX_SEED)
+        return seed + 1
+    if isinstance(obj, np.random.Generator):
+        obj.bit_generator.state = np.random.PCG64(seed).state
+        return seed + 1
+    if isinstance(obj, (list, tuple)):
+        for item in obj:
+            seed = reseed_tree(item, seed, visited)
+        return seed
+    if isinstance(obj, dict) or not hasattr(obj, "__dict__"):
+        return seed  # MONAI caches are lists of dicts of arrays: nothing random inside
+    randomizable = hasattr(obj, "set_random_state")
+    if randomizable:
+        obj.set_random_state(seed=seed % MAX_SEED)
+        seed += 1
+    for key, value in list(vars(obj).items()):
+        if key.startswith("__") or (randomizable and key == "R"):
+            continue
+        seed = reseed_tree(value, seed, visited)
+    return seed
 
 
 def _dist_rank() -> int:
@@ -112,22 +158,15 @@ class EpochReseed:
         if self.deterministic:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
-        for i, loader in enumerate(self._all_loaders(engine)):
-            dataset = getattr(loader, "dataset", loader)
-            set_rnd(dataset, seed=s + 7919 * (i + 1))
+        # the loaders' datasets (their random transforms), the loaders' own generators, then any extras
+        nxt = s + 1
+        for loader in self._all_loaders(engine):
+            nxt = reseed_tree(getattr(loader, "dataset", loader), nxt)
             generator = getattr(loader, "generator", None)
             if isinstance(generator, torch.Generator):
-                generator.manual_seed(s)
-        for j, obj in enumerate(self.extra):
-            s_j = s + 104729 * (j + 1)
-            if isinstance(obj, torch.Generator):
-                obj.manual_seed(s_j)
-            elif isinstance(obj, np.random.RandomState):
-                obj.seed(s_j % (2**32))
-            elif isinstance(obj, np.random.Generator):
-                obj.bit_generator.state = np.random.PCG64(s_j).state
-            else:
-                set_rnd(obj, seed=s_j)
+                generator.manual_seed(nxt)
+                nxt += 1
+        reseed_tree(self.extra, nxt)
         engine.state.epoch_seed = s
 
 

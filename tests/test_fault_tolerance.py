@@ -192,3 +192,36 @@ def test_find_latest_checkpoint_skips_truncated(tmp_path):
     assert find_latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
     (tmp_path / ".checkpoint_epoch=11.pt.tmp").write_bytes(data)
     assert find_latest_checkpoint(tmp_path, pattern="*").endswith("checkpoint_epoch=2.pt")
+
+
+def test_reseed_reaches_transforms_inside_randomizable_datasets():
+    """A Randomizable dataset wrapping datasets with random transforms (the synthesis data) is fully reseeded."""
+    from monai.data import CacheDataset, Dataset
+    from monai.transforms import Compose, RandFlipd, RandGaussianNoised, Randomizable
+
+    from cmb_synthesis.resume import reseed_tree
+
+    class Pair(torch.utils.data.Dataset, Randomizable):
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+
+        def __len__(self):
+            return 2
+
+        def __getitem__(self, i):
+            return self.R.rand(), self.a[i]["x"], self.b[i]["x"]
+
+    def make():
+        item = {"x": np.arange(64, dtype=np.float32).reshape(1, 4, 4, 4)}
+        t_a = Compose([RandFlipd("x", prob=0.5), RandGaussianNoised("x", prob=1.0)])
+        a = CacheDataset([dict(item), dict(item)], t_a, progress=False)
+        return Pair(a, Dataset([dict(item)] * 2, RandGaussianNoised("x", prob=1.0)))
+
+    one, two = make(), make()
+    for _ in range(3):
+        two[0]  # advance every random state of the second copy
+    reseed_tree(one, 11)
+    reseed_tree(two, 11)
+    for i in range(2):
+        for u, v in zip(one[i], two[i]):
+            np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
