@@ -1,0 +1,126 @@
+"""Named Compose factories so bundle configs stay short.
+
+- :func:`preprocessing`: load (nibabel / ITK via MONAI's ``LoadImaged``) -> channel first -> RAS ->
+  :class:`~transforms.checks.CheckSWId` -> masks to uint8, labels to int32 -> mask-restricted percentile
+  clip + rescale to [0, 1] (values recorded in ``meta["percentile_scale"]``, so it is invertible).
+- :func:`patch_sampling`: random training patches, lesion-oversampled (MONAI ``RandCropByPosNegLabeld``).
+- cDA is :func:`transforms.augment.classical_augmentation`; z-patch grids are in :mod:`transforms.patches`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    EnsureChannelFirstd,
+    Orientationd,
+    RandCropByPosNegLabeld,
+    SpatialPadd,
+)
+
+from .checks import CheckSWId, LoadImageCheckedd
+from .intensity import PercentileScaled
+
+__all__ = ["preprocessing", "patch_sampling"]
+
+
+def preprocessing(
+    keys: Sequence[str] = ("image",),
+    mask_keys: Sequence[str] = ("brainmask",),
+    label_keys: Sequence[str] = ("label",),
+    lower: float = 0.0,
+    upper: float = 99.5,
+    load: bool = True,
+    binary_keys: Sequence[str] = (),
+    extra_keys: Sequence[str] = (),
+    axcodes: str = "RAS",
+    reader: Any = None,
+    clip: bool = True,
+    allow_missing_keys: bool = False,
+) -> Compose:
+    """SWI preprocessing Compose (the paper's: clip to [0, 99.5] percentiles, rescale to [0, 1]).
+
+    Args:
+        keys: SWI image keys -> float32 (1, X, Y, Z) in [0, 1] (MetaTensor, ``meta["percentile_scale"] =
+            (lo, hi)`` in input units; invert with :func:`transforms.intensity.invert_percentile_scale`).
+        mask_keys: brain masks (0/1, non-empty) -> uint8; the first one restricts the percentiles.
+        label_keys: instance label maps (non-negative integers) -> int32.
+        lower, upper: percentiles (default 0 and 99.5, the paper's).
+        load: load file paths with ``LoadImaged`` (False: the values are already arrays/MetaTensors).
+        binary_keys: other 0/1 masks (may be empty, e.g. veins) -> uint8.
+        extra_keys: other integer maps carried along (e.g. ``tissue``) -> int32, grid-checked only.
+        axcodes: target orientation (``Orientationd``); the affine in ``meta`` maps back to the input's space.
+        reader: ``LoadImaged`` reader (None: MONAI picks nibabel for NIfTI, ITK for DICOM folders).
+        clip: clip to [0, 1] after rescaling.
+        allow_missing_keys: skip mask/label/extra keys absent from the data (images are always required).
+
+    Raises (at call time): ``ValueError`` / ``FileNotFoundError`` naming the file, see :class:`CheckSWId`.
+    """
+    keys, mask_keys, label_keys = tuple(keys), tuple(mask_keys), tuple(label_keys)
+    binary_keys, extra_keys = tuple(binary_keys), tuple(extra_keys)
+    other = mask_keys + binary_keys + label_keys + extra_keys
+    all_keys = keys + other
+    amk = allow_missing_keys
+    steps: list[Any] = []
+    if load:
+        steps.append(LoadImageCheckedd(keys, reader=reader, dtype=np.float32, image_only=True))
+        if other:
+            # native dtype, so a non-binary mask is seen by the checks before any cast
+            steps.append(LoadImageCheckedd(other, reader=reader, dtype=None, image_only=True, allow_missing_keys=amk))
+    steps.append(EnsureChannelFirstd(keys, channel_dim=None))
+    if other:
+        steps.append(EnsureChannelFirstd(other, channel_dim=None, allow_missing_keys=amk))
+    steps.append(Orientationd(all_keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=amk))
+    steps.append(
+        CheckSWId(keys, mask_keys=mask_keys, binary_keys=binary_keys, label_keys=label_keys + extra_keys, allow_missing_keys=amk)
+    )
+    if mask_keys + binary_keys:
+        steps.append(CastToTyped(mask_keys + binary_keys, dtype=torch.uint8, allow_missing_keys=amk))
+    if label_keys + extra_keys:
+        steps.append(CastToTyped(label_keys + extra_keys, dtype=torch.int32, allow_missing_keys=amk))
+    steps.append(PercentileScaled(keys, mask_key=mask_keys[0] if mask_keys else None, lower=lower, upper=upper, clip=clip))
+    return Compose(steps)
+
+
+def patch_sampling(
+    keys: Sequence[str] = ("image", "label", "brainmask"),
+    label_key: str = "label",
+    patch_size: Sequence[int] = (160, 146, 32),
+    pos: float = 3.0,
+    neg: float = 1.0,
+    num_samples: int = 1,
+    brainmask_key: str | None = "brainmask",
+    allow_missing_keys: bool = False,
+) -> Compose:
+    """Random training patches with lesion oversampling (for GAN training on pathological scans).
+
+    Pads every key to at least ``patch_size`` (zeros), then MONAI ``RandCropByPosNegLabeld``: a patch centred
+    on a lesion voxel (``label > 0``) with probability ``pos / (pos + neg)``, else on a brain voxel
+    (``brainmask > 0``; any voxel if ``brainmask_key`` is None). The default ``patch_size`` is the paper's
+    whole-axial-plane 160x146x32 patch. Returns a Compose whose output is a list of ``num_samples`` dicts.
+    Healthy scans (empty ``label``) fall back to brain-centred crops.
+    """
+    keys = tuple(keys)
+    size = tuple(int(s) for s in patch_size)
+    return Compose(
+        [
+            SpatialPadd(keys, spatial_size=size, mode="constant", allow_missing_keys=allow_missing_keys),
+            RandCropByPosNegLabeld(
+                keys,
+                label_key=label_key,
+                spatial_size=size,
+                pos=pos,
+                neg=neg,
+                num_samples=num_samples,
+                image_key=brainmask_key,
+                image_threshold=0,
+                allow_smaller=True,
+                allow_missing_keys=allow_missing_keys,
+            ),
+        ]
+    )
