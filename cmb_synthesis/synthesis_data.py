@@ -59,10 +59,12 @@ def load_groups(datalist: str | Path, split: str = "training") -> tuple[list[dic
     return healthy, patho
 
 
-def _preprocessing() -> Compose:
+def _preprocessing(items: Sequence[dict] = ()) -> Compose:
+    """Training preprocessing; the tissue map is carried along (it guides lesion placement) when every item has one."""
     from transforms.pipelines import preprocessing
 
-    return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    extra = ("tissue",) if items and all(i.get("tissue") for i in items) else ()
+    return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",), extra_keys=extra)
 
 
 def _crop(patch_size: Sequence[int], pos: float, neg: float) -> RandCropByPosNegLabeld:
@@ -167,7 +169,7 @@ def training_dataset(
         cache_rate, num_workers: MONAI ``CacheDataset`` settings (preprocessing runs once per volume).
     """
     healthy, patho = load_groups(datalist, split)
-    pre = list(_preprocessing().flatten().transforms)  # flat, so CacheDataset caches up to the first random step
+    pre = list(_preprocessing(healthy + patho).flatten().transforms)  # flat, so CacheDataset caches up to the first random step
     h_ds = CacheDataset(
         healthy,
         Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions).transforms) + [_as_plain]),
@@ -200,7 +202,7 @@ def validation_patches(
     their real lesions. The two lists are paired by index (the shorter one cycles), so every patch is used.
     """
     healthy, patho = load_groups(datalist, split)
-    pre = _preprocessing()
+    pre = _preprocessing(healthy + patho)
     h_rand = healthy_patch_transforms(bank, patch_size, n_lesions)
     p_rand = pathological_patch_transforms(patch_size, pos_ratio=1.0)
     p_rand.transforms[0].neg = 0.0  # validation: lesion-centred only

@@ -209,11 +209,14 @@ def load_scan(
     label_keys: tuple[str, ...] = ()
     if job.brainmask:
         data["brainmask"], mask_keys = job.brainmask, ("brainmask",)
+    extra_keys: tuple[str, ...] = ()
     if job.mask:
         data["label"], label_keys = job.mask, ("label",)
     elif direction == "pseudo_healthy":
         raise ValueError(f"{job.image}: pseudo-healthy synthesis needs a lesion mask (<id>_mask.nii.gz or datalist label)")
-    data = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys)(data)
+    elif job.tissue:  # guides where sampled lesions may go
+        data["tissue"], extra_keys = job.tissue, ("tissue",)
+    data = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys, extra_keys=extra_keys)(data)
     if "label" not in data:
         if bank is None:
             raise ValueError(f"{job.image}: no mask beside the image and no lesion bank to sample one from")
