@@ -27,6 +27,7 @@ import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
 from monai.transforms import MapTransform, Randomizable
+from monai.utils import get_seed
 from scipy import ndimage
 
 from .checks import filename_of
@@ -334,6 +335,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
         self.match_spacing, self.dtype = match_spacing, dtype
         counts = self.bank.counts[self.bank.counts >= self.min_lesions]
         self._counts = counts if counts.size else np.array([max(self.min_lesions, 1)])
+        self.set_random_state(seed=get_seed())  # like monai Compose: honours monai.utils.set_determinism
 
     def randomize(self, data: Any = None) -> None:
         """Draw the lesion count (the per-lesion draws happen during placement, from the same ``self.R``)."""

@@ -26,7 +26,26 @@ from monai.transforms import (
 from .checks import CheckSWId, LoadImageCheckedd
 from .intensity import PercentileScaled
 
-__all__ = ["preprocessing", "patch_sampling"]
+__all__ = ["preprocessing", "patch_sampling", "CheckedCompose"]
+
+
+class CheckedCompose(Compose):
+    """``Compose`` that re-raises an input error (``ValueError`` / ``FileNotFoundError``) as itself.
+
+    MONAI's ``Compose`` wraps every failure in ``RuntimeError("applying transform ...")``; for bad input the
+    useful message (which file, what is wrong) is the cause, so it is raised directly instead.
+    """
+
+    def __call__(self, input_, *args, **kwargs):  # type: ignore[override]
+        try:
+            return super().__call__(input_, *args, **kwargs)
+        except RuntimeError as e:
+            cause = e
+            while isinstance(cause, RuntimeError) and cause.__cause__ is not None:
+                cause = cause.__cause__
+            if isinstance(cause, (ValueError, FileNotFoundError)):
+                raise cause from None
+            raise
 
 
 def preprocessing(
@@ -84,7 +103,7 @@ def preprocessing(
     if label_keys + extra_keys:
         steps.append(CastToTyped(label_keys + extra_keys, dtype=torch.int32, allow_missing_keys=amk))
     steps.append(PercentileScaled(keys, mask_key=mask_keys[0] if mask_keys else None, lower=lower, upper=upper, clip=clip))
-    return Compose(steps)
+    return CheckedCompose(steps)
 
 
 def patch_sampling(
