@@ -146,7 +146,7 @@ def _frst_numpy(
     n_pad = int(np.prod(pshape))
     crop = tuple(slice(p, p + s) for p, s in zip(pad, shape))
 
-    m64 = m.astype(np.float64)  # bincount accumulates in float64; convert once, not per radius
+    m64 = m.astype(np.float64, copy=False)  # bincount accumulates in float64 (m is float64 already)
     off_dtype = np.float64
     local = threading.local()
 
