@@ -206,3 +206,24 @@ def test_bank_from_phantom_cohort(tiny_cohort, tmp_path):
     out = RandLesionMaskd(bank=b2, n_lesions=8).set_random_state(0)(d)
     lab, tis = out["label"][0].numpy(), d["tissue"][0].numpy()
     assert lab.max() >= 6 and np.isin(tis[lab > 0], (2, 3, 4)).all()
+
+
+def test_tissue_prior_is_followed():
+    """Training lesions only in deep GM: sampled lesion centres land mostly in deep GM (a small structure)."""
+    image, brain, tissue = _brain()
+    deep_vox = np.argwhere(tissue == 4)
+    rng = np.random.default_rng(4)
+    labels = []
+    for _ in range(4):
+        lab = np.zeros(SHAPE, np.int32)
+        for i, c in enumerate(deep_vox[rng.choice(len(deep_vox), 3, replace=False)], 1):
+            lab[tuple(c)] = i if not lab[tuple(c)] else lab[tuple(c)]
+        labels.append(lab)
+    b = LesionBank.from_arrays(labels, [brain] * 4, [tissue] * 4)
+    assert b.tissue_fraction[4] == pytest.approx(1.0)
+    d, tissue = _healthy()
+    t = RandLesionMaskd(bank=b, n_lesions=3, gap=1).set_random_state(0)
+    hits = [tissue[tuple(np.round(ndimage.center_of_mass(lab == i)).astype(int))]
+            for lab in (t(d)["label"][0].numpy() for _ in range(10)) for i in range(1, int(lab.max()) + 1)]  # fmt: skip
+    share_deep = float(np.mean(np.isin(tissue[tissue > 1], 4)))
+    assert np.mean(np.array(hits) == 4) > max(0.6, 3 * share_deep)

@@ -179,3 +179,23 @@ def test_check_labels_must_be_integers():
     x = torch.rand(1, 5, 5, 5)
     with pytest.raises(ValueError, match="non-negative integer"):
         CheckSWId(label_keys=("label",))({"image": x, "label": torch.full((1, 5, 5, 5), 0.5)})
+
+
+def test_invertd_maps_output_back_to_input_space_and_range(tmp_path, scan):
+    """MONAI ``Invertd`` undoes the RAS reorientation and the percentile scaling of a network output."""
+    from monai.transforms import Invertd
+
+    img, bm, _ = scan["_arrays"]
+    lps = AFF.copy()
+    lps[0, 0], lps[1, 1] = -0.98, -0.98
+    f_img = _save(tmp_path / "lps_swi.nii.gz", img, lps)
+    f_bm = _save(tmp_path / "lps_bm.nii.gz", bm, lps)
+    pre = preprocessing(label_keys=())
+    d = pre({"image": f_img, "brainmask": f_bm})
+    assert not np.allclose(d["image"][0].numpy(), np.clip(img, 0, None) / img.max())  # it was reoriented
+    d["pred"] = d["image"].clone()  # an identity "network": its output carries the image's operations
+    out = Invertd("pred", transform=pre, orig_keys="image", nearest_interp=False)(d)["pred"]
+    lo, hi = d["image"].meta["percentile_scale"]
+    inside = (img >= lo) & (img <= hi)
+    np.testing.assert_allclose(out[0].numpy()[inside], img[inside], rtol=1e-5)
+    np.testing.assert_allclose(out[0].numpy()[img > hi], hi, rtol=1e-5)  # clipped voxels return at the clip

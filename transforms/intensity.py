@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.data import MetaTensor
-from monai.transforms import MapTransform
+from monai.transforms import InvertibleTransform, MapTransform
 
 __all__ = ["PercentileScaled", "percentile_scale", "invert_percentile_scale", "META_KEY"]
 
@@ -86,13 +86,15 @@ def invert_percentile_scale(x: np.ndarray | torch.Tensor, lo: float, hi: float) 
     return x * (hi - lo) + lo
 
 
-class PercentileScaled(MapTransform):
+class PercentileScaled(MapTransform, InvertibleTransform):
     """Dictionary transform: mask-restricted percentile clip + rescale to [0, 1], recording the values.
 
     Input ``data[key]``: (C, X, Y, Z) float (any positive scanner scale). Output: float32 in [0, 1]; when the
     input is a ``MetaTensor`` its ``meta["percentile_scale"] = (lower_value, upper_value)`` (intensity units of
-    the input). ``mask_key`` (optional, (1, X, Y, Z) 0/1): percentiles over brain voxels only; when the key is
-    absent from the data (or ``None``) the whole image is used.
+    the input) and the operation is tracked, so ``inverse`` (or MONAI's ``Invertd`` on a network output that
+    carries the image's ``applied_operations``) maps [0, 1] values back to the input's intensity range
+    (clipped voxels come back at the clip values). ``mask_key`` (optional, (1, X, Y, Z) 0/1): percentiles over
+    brain voxels only; when the key is absent from the data (or ``None``) the whole image is used.
     """
 
     def __init__(
@@ -116,7 +118,17 @@ class PercentileScaled(MapTransform):
             if isinstance(img, MetaTensor):
                 out = MetaTensor(torch.as_tensor(out), meta=dict(img.meta), applied_operations=list(img.applied_operations))
                 out.meta[META_KEY] = (lo, hi)
+                self.push_transform(out, extra_info={"lo": lo, "hi": hi})
             d[key] = out
+        return d
+
+    def inverse(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        """Map [0, 1] values back to input intensities with the recorded ``(lo, hi)``."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            op = self.pop_transform(d[key])
+            info = op["extra_info"]
+            d[key] = invert_percentile_scale(d[key], float(info["lo"]), float(info["hi"]))
         return d
 
     @staticmethod

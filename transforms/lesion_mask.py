@@ -300,6 +300,9 @@ class RandLesionMaskd(Randomizable, MapTransform):
         max_tries: placement attempts per lesion before giving up on it (logged).
         erosion, allowed_tissue, csf_percentile: see :func:`allowed_region`.
         match_spacing: rescale bank shapes by ``bank.spacing / image spacing`` (from the image affine).
+        tissue_prior: with a tissue map and a bank that has ``tissue_fraction``, also weight centres so the
+            tissue class of the sampled centres follows the training lesions' (each allowed class keeps at
+            least ``tissue_floor`` of the weight, so no allowed tissue is impossible).
     """
 
     def __init__(
@@ -320,6 +323,8 @@ class RandLesionMaskd(Randomizable, MapTransform):
         allowed_tissue: Sequence[int] = DEFAULT_ALLOWED_TISSUE,
         csf_percentile: float = 97.0,
         match_spacing: bool = True,
+        tissue_prior: bool = True,
+        tissue_floor: float = 0.05,
         dtype: torch.dtype = torch.int32,
         allow_missing_keys: bool = False,
     ) -> None:
@@ -333,6 +338,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
         self.rotate90, self.flip, self.gap, self.max_tries = rotate90, flip, int(gap), int(max_tries)
         self.erosion, self.allowed_tissue, self.csf_percentile = int(erosion), tuple(allowed_tissue), csf_percentile
         self.match_spacing, self.dtype = match_spacing, dtype
+        self.tissue_prior, self.tissue_floor = tissue_prior, float(tissue_floor)
         counts = self.bank.counts[self.bank.counts >= self.min_lesions]
         self._counts = counts if counts.size else np.array([max(self.min_lesions, 1)])
         self.set_random_state(seed=get_seed())  # like monai Compose: honours monai.utils.set_determinism
@@ -379,7 +385,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
             sp = np.sqrt((_np(img.affine)[:3, :3] ** 2).sum(0))
             zoom = self.bank.spacing / np.where(sp > 0, sp, 1.0)
         self.randomize(d)
-        out, n_placed = self.sample(allowed, bm > 0, zoom, self._n)
+        out, n_placed = self.sample(allowed, bm > 0, zoom, self._n, tissue)
         if n_placed < self._n:
             logger.info("%s: placed %d of %d lesions", name, n_placed, self._n)
         t = torch.as_tensor(out[None]).to(self.dtype)
@@ -387,8 +393,29 @@ class RandLesionMaskd(Randomizable, MapTransform):
         d[f"{self.output_key}_n_lesions"] = n_placed
         return d
 
-    def sample(self, allowed: np.ndarray, brain: np.ndarray, zoom: np.ndarray, n: int) -> tuple[np.ndarray, int]:
-        """Place ``n`` lesions in ``allowed`` (X, Y, Z) bool; returns (instance map int32, number placed)."""
+    def _tissue_weights(self, coords: np.ndarray, tissue: np.ndarray | None) -> np.ndarray | None:
+        tf = self.bank.tissue_fraction
+        if not self.tissue_prior or tissue is None or tf.sum() <= 0:
+            return None
+        t = tissue[tuple(coords.T)].astype(np.int64)
+        t = np.clip(t, 0, len(tf) - 1)
+        share = np.bincount(t, minlength=len(tf)) / len(t)  # class shares among allowed voxels
+        classes = np.unique(t)
+        target = np.zeros(len(tf))
+        target[classes] = tf[classes] / max(tf[classes].sum(), 1e-12)
+        target[classes] = (1 - self.tissue_floor) * target[classes] + self.tissue_floor / len(classes)
+        w = np.zeros(len(tf))
+        w[classes] = target[classes] / share[classes]
+        return w[t]
+
+    def sample(
+        self, allowed: np.ndarray, brain: np.ndarray, zoom: np.ndarray, n: int, tissue: np.ndarray | None = None
+    ) -> tuple[np.ndarray, int]:
+        """Place ``n`` lesions in ``allowed`` (X, Y, Z) bool; returns (instance map int32, number placed).
+
+        Centre voxel probability: ``prior(bin) / (allowed voxels in the bin)`` (bins drawn with the location
+        prior), times the tissue weight when a tissue map is given (see ``tissue_prior``).
+        """
         shape = np.array(allowed.shape)
         bb_min, bb_max = _bbox(brain)
         coords = np.argwhere(allowed)
@@ -399,6 +426,9 @@ class RandLesionMaskd(Randomizable, MapTransform):
         flat_bin = np.ravel_multi_index(b.T, self.bank.prior.shape)
         per_bin = np.bincount(flat_bin, minlength=self.bank.prior.size)
         p = p / per_bin[flat_bin]
+        tw = self._tissue_weights(coords, tissue)
+        if tw is not None:
+            p = p * tw
         p = p / p.sum()
         cdf = np.cumsum(p)
         out = np.zeros(allowed.shape, dtype=np.int32)
