@@ -1,0 +1,219 @@
+"""Multi-GPU config of the synthesis bundle, run as 2 CPU processes on the gloo backend (torchrun).
+
+- the DDP objectives built by ``configs/multi_gpu_train.yaml`` give, after one CycleGAN iteration, exactly the
+  gradients of a single process on the same global batch (generators and critics, gradient penalty included:
+  the single-process reference averages per-sample penalties with the same interpolation draws);
+- ``torchrun --nproc_per_node 2 -m monai.bundle run training`` with the merged configs trains on the phantom:
+  both ranks step, hold identical weights, losses are finite, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SYN = REPO / "bundles" / "cmb_synthesis" / "configs"
+WRITERS = {
+    "CheckpointSaver",
+    "cmb_synthesis.handlers.ExportNetworks",
+    "StatsHandler",
+    "TensorBoardStatsHandler",
+    "cmb_synthesis.handlers.SynthesisImageGrid",
+    "cmb_synthesis.handlers.MetricsJSONWriter",
+}
+
+# Under torchrun: builds the CycleGAN trainer from the bundle's configs on a fixed synthetic batch and runs one
+# iteration, (a) with train.yaml + multi_gpu_train.yaml on this rank's half of the batch (DDP), and (b) as
+# single-process references from train.yaml alone (no DDP): rank 0 on the whole batch (no penalty) and each
+# rank on its own sample (penalty on). Saves the networks' gradients. The learning rate is 0 so that the
+# generator step sees the same critics in both runs (Adam's first step is lr * sign(grad): it would turn
+# float round-off into lr-sized differences).
+ENGINE_SCRIPT = r"""
+import os, sys, torch
+from monai.bundle import ConfigParser
+train_yaml, multi_yaml, out = sys.argv[1], sys.argv[2], sys.argv[3]
+rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+g = torch.Generator().manual_seed(1)
+N, S = 2, (16, 16, 16)
+full = {k: torch.rand((N, 1, *S), generator=g) for k in ("x_h", "x_p", "x_p2")}
+# lesion masks with the same voxel count in every sample: L_AM is normalised by the batch's count of brain
+# voxels outside lesions, which DDP takes per rank (equal to the global ratio only for equal counts)
+for k in ("y_hp", "y_p"):
+    m = (torch.rand((1, 1, *S), generator=g) > 0.9).float()
+    full[k] = torch.cat([m, m.roll(shifts=(5, 3, 7), dims=(2, 3, 4))])
+full.update({k: torch.ones((N, 1, *S)) for k in ("brainmask_h", "brainmask_p")})
+
+def step(cfgs, lambda_gp, batch, eps_seed):
+    p = ConfigParser()
+    p.read_config(cfgs)
+    p["imports"] = [i for i in p["imports"] if "phantom" not in i]
+    for k, v in dict(device="$torch.device('cpu')", backend="gloo", g_channels=4, g_res_blocks=1, g_output="sigmoid",
+                     d_channels=4, d_layers=2, n_critic=1, lambda_gp=lambda_gp, lr=0.0, max_epochs=1, epoch_length=1,
+                     seed=0).items():
+        p[k] = v
+    p["train#trainer#train_data_loader"] = "$[None]"  # replaced by the synthetic batch below
+    p["initialize"] = [e for e in p["initialize"] if "makedirs" not in e]  # no bundle folders
+    p.parse()
+    p.get_parsed_content("initialize")
+    trainer = p.get_parsed_content("train#trainer")
+    trainer.data_loader = [batch]
+    torch.manual_seed(eps_seed)  # the penalty's interpolation draws
+    trainer.run()
+    nets = {n: p.get_parsed_content(n) for n in ("G_HP", "G_PH", "D_P", "D_H")}
+    grads = {f"{n}.{k}": q.grad.detach().clone() for n, net in nets.items() for k, q in net.named_parameters() if q.grad is not None}
+    return {"grads": grads, "output": trainer.state.output, "ddp": type(trainer.critic_objective_P).__name__}
+
+mine = {k: v[rank::world] for k, v in full.items()}
+res = {"world": world}
+for gp in (0.0, 10.0):
+    res[f"ddp{gp:g}"] = step([train_yaml, multi_yaml], gp, mine, 7 + rank)
+torch.distributed.destroy_process_group()
+if rank == 0:
+    res["single0"] = step([train_yaml], 0.0, full, 7)
+res["single10"] = step([train_yaml], 10.0, {k: v[rank:rank + 1] for k, v in full.items()}, 7 + rank)
+torch.save(res, f"{out}_rank{rank}.pt")
+"""
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+
+
+def _torchrun(args: list[str], timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
+    return subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=timeout)
+
+
+def test_multi_gpu_config_gates_every_writer_to_rank0():
+    """Every handler that writes files or logs is disabled on ranks > 0 (catches a reordering of train.yaml)."""
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config([str(SYN / "train.yaml"), str(SYN / "multi_gpu_train.yaml")])
+    lists = [p["train#handlers"], p["validate#evaluator#val_handlers"]]
+    seen = set()
+    for handlers in lists:
+        for h in handlers:
+            target = h["_target_"]
+            gated = h.get("_disabled_") == "$not @is_rank0"
+            assert gated == (target in WRITERS), f"{target}: rank-0 gating is {gated}"
+            seen.add(target) if gated else None
+    assert seen == WRITERS
+    # the loader and the reseeder run on every rank; DDP objectives are handed to the trainer
+    targets = [h["_target_"] for h in p["train#handlers"]]
+    assert "CheckpointLoader" in targets and "cmb_synthesis.resume.EpochReseed" in targets
+    assert p["train#trainer#generator_objective"] == "@generator_objective"
+    assert p["train#dataloader#sampler"] == "@train#sampler" and p["train#dataloader#shuffle"] is False
+
+
+@pytest.mark.e2e
+def test_ddp_objectives_match_single_process_gradients(tmp_path):
+    script = tmp_path / "engine_step.py"
+    script.write_text(ENGINE_SCRIPT)
+    res = _torchrun([str(script), str(SYN / "train.yaml"), str(SYN / "multi_gpu_train.yaml"), str(tmp_path / "g")])
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    r0 = torch.load(tmp_path / "g_rank0.pt", weights_only=True)
+    r1 = torch.load(tmp_path / "g_rank1.pt", weights_only=True)
+    assert r0["world"] == r1["world"] == 2
+    assert r0["ddp0"]["ddp"] == "DistributedDataParallel" and r0["single0"]["ddp"] == "CriticObjective"
+
+    # no penalty: every gradient of the 2-rank run equals the single process's on the whole global batch
+    ref = r0["single0"]["grads"]
+    assert set(r0["ddp0"]["grads"]) == set(ref) and len(ref) > 20
+    assert {k.split(".")[0] for k in ref} == {"G_HP", "G_PH", "D_P", "D_H"}
+    for k, v in ref.items():
+        torch.testing.assert_close(r0["ddp0"]["grads"][k], r1["ddp0"]["grads"][k], rtol=0, atol=0)  # synchronised
+        torch.testing.assert_close(r0["ddp0"]["grads"][k], v, rtol=1e-4, atol=1e-7)
+
+    # penalty on: each critic's gradient (WGAN + lambda_gp * GP, double backward) is the mean of the
+    # single-process per-sample gradients with the same interpolation draws, identical on both ranks
+    out = r0["ddp10"]["output"]
+    assert all(torch.isfinite(torch.tensor(v)) for v in out.values()) and out["GP"] > 0
+    s0, s1 = r0["single10"]["grads"], r1["single10"]["grads"]
+    d_keys = [k for k in s0 if k.startswith("D_")]
+    assert len(d_keys) >= 4
+    for k in d_keys:
+        torch.testing.assert_close(r0["ddp10"]["grads"][k], r1["ddp10"]["grads"][k], rtol=0, atol=0)
+        torch.testing.assert_close(r0["ddp10"]["grads"][k], 0.5 * (s0[k] + s1[k]), rtol=1e-4, atol=1e-7)
+
+
+DUMP_HANDLER = r'''
+import os, torch
+from ignite.engine import Events
+
+class DumpRank:
+    """At COMPLETED, save this rank's iteration count, last losses and parameters."""
+    def __init__(self, path, networks):
+        self.path, self.networks = path, networks
+    def attach(self, engine):
+        engine.add_event_handler(Events.COMPLETED, self)
+    def __call__(self, engine):
+        rank = int(os.environ.get("RANK", 0))
+        params = {f"{n}.{k}": v.detach().clone() for n, net in self.networks.items() for k, v in net.state_dict().items()}
+        torch.save({"iteration": engine.state.iteration, "output": engine.state.output, "params": params,
+                    "world": torch.distributed.get_world_size()}, f"{self.path}_rank{rank}.pt")
+'''
+
+TINY_DDP = """
+device: "$torch.device('cpu')"
+backend: gloo
+patch_size: [32, 32, 16]
+batch_size: 2
+epoch_length: 2
+max_epochs: 2
+val_interval: 2
+val_patches_per_volume: 1
+image_interval: 1
+g_channels: 2
+g_res_blocks: 1
+d_channels: 2
+n_critic: 1
++imports: ["$import dumprank"]
++train#handlers:
+  - _target_: dumprank.DumpRank
+    path: "$@ckpt_dir + '/../dump'"
+    networks: {G_HP: "@G_HP", G_PH: "@G_PH", D_P: "@D_P", D_H: "@D_H"}
+"""
+
+
+@pytest.mark.e2e
+def test_torchrun_bundle_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
+    (tmp_path / "dumprank.py").write_text(DUMP_HANDLER)
+    (tmp_path / "tiny_ddp.yaml").write_text(TINY_DDP)
+    root = tmp_path / "bundle"
+    files = [str(SYN / "train.yaml"), str(SYN / "multi_gpu_train.yaml"), str(tmp_path / "tiny_ddp.yaml")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
+    cmd += ["--bundle_root", str(root), "--datalist", tiny_cohort, "--dataset_dir", str(Path(tiny_cohort).parent)]
+    env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+
+    d0 = torch.load(root / "dump_rank0.pt", weights_only=True)
+    d1 = torch.load(root / "dump_rank1.pt", weights_only=True)
+    assert d0["world"] == d1["world"] == 2
+    assert d0["iteration"] == d1["iteration"] == 4  # both ranks stepped 2 epochs x 2 iterations
+    for d in (d0, d1):
+        assert all(torch.isfinite(torch.tensor(v)) for v in d["output"].values()), d["output"]
+    for k, v in d0["params"].items():
+        torch.testing.assert_close(d1["params"][k], v, rtol=0, atol=0)  # DDP kept the replicas identical
+
+    models = root / "models"
+    ckpts = sorted(p.name for p in models.glob("checkpoint*.pt"))
+    assert ckpts, sorted(p.name for p in models.iterdir())
+    state = torch.load(models / ckpts[-1], weights_only=True)
+    assert state["trainer"]["iteration"] == 4
+    assert not any(k.startswith("module.") for k in state["G_HP"])  # plain keys: loads without DDP
+    exported = torch.load(models / "G_HP.pt", weights_only=True)
+    for k, v in exported.items():
+        torch.testing.assert_close(v, d0["params"][f"G_HP.{k}"])
+    assert (models / "metrics.json").is_file() and (models / "lesion_bank.npz").is_file()
+    # rank 0 alone logs: one writer per TensorBoard handler (train stats, validation stats, image grid)
+    events = list((root / "runs").rglob("events.out.tfevents.*"))
+    assert 1 <= len(events) <= 3, events
