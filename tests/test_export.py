@@ -1,0 +1,141 @@
+"""Model-zoo sharing checks for both bundles: verify_metadata, verify_net_in_out, ckpt_export to TorchScript,
+and large_files.yml (listed weights are verified by sha256).
+
+The exports run on tiny checkpoints made from the bundles' own network definitions (random weights): what is
+checked is that the released-weight path works, not the quality of any weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
+BUNDLES = {
+    "cmb_synthesis": {"config": "inference.yaml", "nets": ("G_HP", "G_PH")},
+    "cmb_detection": {"config": "inference.yaml", "nets": ("network",)},
+}
+
+
+def _configs(bundle: str) -> tuple[Path, Path]:
+    cdir = REPO / "bundles" / bundle / "configs"
+    return cdir / "metadata.json", cdir / BUNDLES[bundle]["config"]
+
+
+def _env() -> dict:
+    return dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
+
+
+def _schema() -> str:
+    if SCHEMA.is_file():
+        return str(SCHEMA)
+    local = REPO.parent / "shared" / "monai" / SCHEMA.name
+    return str(local)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_verify_metadata(bundle, tmp_path):
+    from monai.bundle import verify_metadata
+
+    meta, _ = _configs(bundle)
+    verify_metadata(meta_file=str(meta), filepath=_schema())  # raises ValidationError on failure
+    # and a broken copy is rejected (the check is real)
+    bad = json.loads(meta.read_text())
+    bad.pop("version")
+    (tmp_path / "metadata.json").write_text(json.dumps(bad))
+    with pytest.raises(Exception, match="version"):
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=_schema())
+
+
+@pytest.mark.parametrize("bundle,net", [(b, n) for b in sorted(BUNDLES) for n in BUNDLES[b]["nets"]])
+def test_verify_net_in_out(bundle, net):
+    from monai.bundle import verify_net_in_out
+
+    meta, config = _configs(bundle)
+    verify_net_in_out(net_id=net, meta_file=str(meta), config_file=str(config), device="cpu")
+
+
+def _tiny_checkpoint(bundle: str, net: str, path: Path) -> torch.nn.Module:
+    from monai.bundle import ConfigParser
+
+    meta, config = _configs(bundle)
+    p = ConfigParser()
+    p.read_config(str(config))
+    p.read_meta(str(meta))
+    torch.manual_seed(0)
+    network = p.get_parsed_content(net)
+    with torch.no_grad():  # residual generators start as the identity: perturb so the export is non-trivial
+        for q in network.parameters():
+            q.add_(0.01 * torch.randn_like(q))
+    torch.save(network.state_dict(), path)
+    return network.eval()
+
+
+def _input_shape(bundle: str) -> list[int]:
+    """(1, C, ...) with the metadata's channels; the synthesis patch is shrunk to 32 x 32 x 16 to keep the test
+    fast (a traced generator is tied to its trace shape: releases export at the metadata's 160 x 146 x 32)."""
+    meta = json.loads(_configs(bundle)[0].read_text())
+    image = meta["network_data_format"]["inputs"]["image"]
+    spatial = [int(s) for s in image["spatial_shape"]]
+    return [1, int(image["num_channels"]), *([32, 32, 16] if bundle == "cmb_synthesis" else spatial)]
+
+
+@pytest.mark.e2e
+def test_ckpt_export_cli_generator(tmp_path):
+    """``python -m monai.bundle ckpt_export`` of G_HP: the TorchScript module reproduces the checkpoint."""
+    meta, config = _configs("cmb_synthesis")
+    network = _tiny_checkpoint("cmb_synthesis", "G_HP", tmp_path / "G_HP.pt")
+    cmd = [
+        sys.executable, "-m", "monai.bundle", "ckpt_export", "G_HP",
+        "--filepath", str(tmp_path / "G_HP.ts"), "--ckpt_file", str(tmp_path / "G_HP.pt"),
+        "--meta_file", str(meta), "--config_file", str(config), "--use_trace", "True",
+        "--input_shape", str(_input_shape("cmb_synthesis")),
+    ]  # fmt: skip
+    res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    extra = {"metadata.json": "", "inference.json": ""}
+    ts = torch.jit.load(str(tmp_path / "G_HP.ts"), _extra_files=extra)
+    assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 2
+    assert "G_HP" in json.loads(extra["inference.json"])
+    x = torch.rand(_input_shape("cmb_synthesis"))
+    x[:, 1] = (x[:, 1] > 0.95).float()
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), network(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("bundle,net", [("cmb_synthesis", "G_PH"), ("cmb_detection", "network")])
+def test_ckpt_export_function(bundle, net, tmp_path):
+    """The same export through ``monai.bundle.ckpt_export`` (what the CLI calls) for G_PH and the classifier."""
+    from monai.bundle import ckpt_export
+
+    meta, config = _configs(bundle)
+    network = _tiny_checkpoint(bundle, net, tmp_path / f"{net}.pt")
+    ckpt_export(
+        net_id=net, filepath=str(tmp_path / f"{net}.ts"), ckpt_file=str(tmp_path / f"{net}.pt"),
+        meta_file=str(meta), config_file=str(config), use_trace=True, input_shape=_input_shape(bundle),
+    )  # fmt: skip
+    ts = torch.jit.load(str(tmp_path / f"{net}.ts"))
+    x = torch.rand(_input_shape(bundle))
+    with torch.no_grad():
+        torch.testing.assert_close(ts(x), network(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_large_files_yml_is_valid_and_verifies(bundle):
+    """The committed large_files.yml is model-zoo shaped (sha256); present weights must match it."""
+    from cmb_synthesis import weights
+
+    root = REPO / "bundles" / bundle
+    entries = weights.read_large_files(root)
+    assert entries and all(e["hash_type"] == "sha256" and e["path"].startswith("models/") for e in entries)
+    names = {Path(e["path"]).name for e in entries}
+    assert set(BUNDLES[bundle]["nets"]) - {"network"} <= {n[:-3] for n in names}
+    weights.verify_bundle(root, missing_ok=True)  # raises WeightsHashError on any mismatch
