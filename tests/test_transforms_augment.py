@@ -86,3 +86,29 @@ def test_cda_missing_label_key_is_skipped():
     del d["brainmask"]
     out = classical_augmentation(label_keys=("label", "brainmask"), prob=1.0)(d)
     assert "brainmask" not in out and out["image"].shape == d["image"].shape
+
+
+def test_cda_never_loses_single_voxel_or_border_lesions():
+    """1-voxel lesions (one at the border) under strong down-scaling: plain RandAffined drops some, cDA none."""
+    from monai.transforms import RandAffined
+
+    from transforms.augment import RandAffineKeepLesionsd
+
+    shape = (32, 30, 20)
+    lab = np.zeros(shape, np.int32)
+    for i, c in enumerate([(0, 15, 10), (10, 10, 5), (20, 21, 14), (25, 5, 9), (16, 16, 16)], 1):
+        lab[c] = i
+    d = {"image": torch.rand(1, *shape), "label": torch.from_numpy(lab)[None]}
+    kw = dict(prob=1.0, rotate_range=(0, 0, 0.3), scale_range=(0.3, 0.3, 0.3), mode=("bilinear", "nearest"))
+    plain, safe = RandAffined(("image", "label"), **kw), RandAffineKeepLesionsd(("image", "label"), max_retries=20, **kw)
+    plain.set_random_state(0)
+    safe.set_random_state(0)
+    lost_plain = sum(len(set(range(1, 6)) - set(np.unique(plain(d)["label"]).tolist())) for _ in range(3))
+    assert lost_plain > 0  # the situation is real
+    for _ in range(3):
+        assert set(range(1, 6)) <= set(np.unique(safe(d)["label"]).tolist())
+    # via the factory (label is the default lesion key)
+    aug = classical_augmentation(prob=1.0, scale=0.3, rotate_deg=(0, 0, 20), max_retries=20)
+    aug.set_random_state(1)
+    for _ in range(2):
+        assert set(range(1, 6)) <= set(np.unique(aug(d)["label"]).tolist())

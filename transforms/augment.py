@@ -8,12 +8,47 @@ and intensity scaling and shifting on images only. Nothing here is new code: it 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Hashable, Mapping, Sequence
+from typing import Any
 
 import torch
+from monai.config import KeysCollection
 from monai.transforms import CastToTyped, Compose, RandAffined, RandFlipd, RandScaleIntensityd, RandShiftIntensityd
 
-__all__ = ["classical_augmentation"]
+__all__ = ["classical_augmentation", "RandAffineKeepLesionsd"]
+
+
+class RandAffineKeepLesionsd(RandAffined):
+    """MONAI ``RandAffined`` that never loses a lesion: a draw that drops any instance label of ``lesion_key``
+    (rotated out of the field of view, or a 1-voxel lesion skipped by nearest-neighbour down-scaling) is redrawn,
+    up to ``max_retries`` times; after that the item passes unchanged (tracked as an identity for ``Invertd``).
+
+    ``lesion_key`` must be one of ``keys`` and hold integer instance labels (1, X, Y, Z), 0 = background.
+    Other arguments: ``monai.transforms.RandAffined``.
+    """
+
+    def __init__(self, keys: KeysCollection, lesion_key: str = "label", max_retries: int = 10, **kwargs: Any) -> None:
+        super().__init__(keys, **kwargs)
+        self.lesion_key, self.max_retries = lesion_key, int(max_retries)
+
+    @staticmethod
+    def _ids(x: Any) -> set[int]:
+        return set(torch.unique(torch.as_tensor(x).detach().cpu()).round().long().tolist()) - {0}
+
+    def __call__(self, data: Mapping[Hashable, Any], lazy: bool | None = None) -> dict[Hashable, Any]:  # type: ignore[override]
+        if self.lesion_key not in data:
+            return super().__call__(data, lazy=lazy)
+        before = self._ids(data[self.lesion_key])
+        for _ in range(self.max_retries + 1):
+            out = super().__call__(data, lazy=lazy)
+            if before <= self._ids(out[self.lesion_key]):
+                return out
+        prob = self.prob
+        try:
+            self.prob = 0.0
+            return super().__call__(data, lazy=lazy)
+        finally:
+            self.prob = prob
 
 
 def _range3(v: float | Sequence[float]) -> tuple[float, float, float]:
@@ -37,6 +72,8 @@ def classical_augmentation(
     intensity_shift: float = 0.05,
     padding_mode: str = "zeros",
     label_dtype: torch.dtype | None = torch.int32,
+    lesion_key: str | None = "label",
+    max_retries: int = 10,
     allow_missing_keys: bool = True,
 ) -> Compose:
     """The paper's cDA: axial-plane flip, rotation, shear, scale, intensity scale and shift.
@@ -55,6 +92,9 @@ def classical_augmentation(
         padding_mode: padding for voxels mapped from outside (``"zeros"`` for image and labels, or
             ``"border"``/``"reflection"`` for images; labels always use zeros so lesions are never duplicated).
         label_dtype: cast label keys to this dtype afterwards (None: leave float from the resampler).
+        lesion_key: instance-label key whose lesions must all survive the affine step (redrawn up to
+            ``max_retries`` times, see :class:`RandAffineKeepLesionsd`); None or not in ``label_keys``: plain
+            ``RandAffined``.
         allow_missing_keys: keys absent from the data are skipped.
 
     Returns:
@@ -71,9 +111,14 @@ def classical_augmentation(
     steps = []
     if flip:
         steps.append(RandFlipd(keys, prob=prob, spatial_axis=0, allow_missing_keys=amk))
+    affine_kw: dict[str, Any] = {}
+    affine_cls: type = RandAffined
+    if lesion_key is not None and lesion_key in label_keys:
+        affine_cls, affine_kw = RandAffineKeepLesionsd, {"lesion_key": lesion_key, "max_retries": max_retries}
     steps.append(
-        RandAffined(
+        affine_cls(
             keys,
+            **affine_kw,
             prob=prob,
             rotate_range=rot,
             shear_range=shear_range,
