@@ -1,0 +1,139 @@
+"""Veins, the CMB mimics: thin, curved, continuous hypointense tubes.
+
+Two families, traced as smooth random walks (momentum + jitter) in voxel coordinates and rasterised with
+partial volume:
+
+- cortical (pial) veins run along the brain surface at about 1 mm depth, radius 0.6-1.5 mm, 20-60 mm long;
+- deep medullary veins start next to the lateral ventricles and run outwards through the white matter along
+  the direction away from the ventricles (mostly vertical above them), radius 0.4-0.8 mm, 10-35 mm long.
+
+Seen end-on in one axial slice either kind is a dark dot the size of a CMB: the reason 2-D reading confuses
+them and why the detector needs 3-D context.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from cmb_synthesis.phantom.anatomy import Anatomy
+
+__all__ = ["trace_veins", "rasterize_tubes"]
+
+
+def _sample(field: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    return ndimage.map_coordinates(field, pts.T, order=1, mode="nearest")
+
+
+def _walk(
+    rng: np.random.Generator,
+    start: np.ndarray,
+    direction: np.ndarray,
+    n_steps: int,
+    step_vox: np.ndarray,
+    guide,
+    jitter: float,
+    inertia: float,
+) -> np.ndarray:
+    """Trace all walks at once: positions (n_walks, n_steps, 3) in voxel coordinates."""
+    pos = start.astype(np.float64).copy()
+    d = direction / np.linalg.norm(direction, axis=1, keepdims=True)
+    out = np.empty((len(pos), n_steps, 3))
+    for s in range(n_steps):
+        out[:, s] = pos
+        g = guide(pos, d)
+        d = inertia * d + (1 - inertia) * g + rng.normal(0, jitter, size=d.shape)
+        d /= np.linalg.norm(d, axis=1, keepdims=True) + 1e-9
+        pos = pos + d * step_vox
+    return out
+
+
+def trace_veins(
+    rng: np.random.Generator,
+    anat: Anatomy,
+    n_cortical: int = 160,
+    n_medullary: int = 160,
+) -> list[tuple[np.ndarray, float]]:
+    """Centre lines (points in voxel coordinates, ~0.4 mm apart) and radii (mm) of the subject's veins."""
+    spacing = np.asarray(anat.spacing)
+    brain = anat.brain > 0.5
+    tubes: list[tuple[np.ndarray, float]] = []
+    step_mm = 0.4
+    step_vox = step_mm / spacing
+
+    # --- cortical veins: follow the surface at ~1 mm depth
+    depth = ndimage.distance_transform_edt(brain, sampling=spacing).astype(np.float32)
+    grad = np.stack(np.gradient(ndimage.gaussian_filter(depth, 1.5)), -1)  # points inwards
+    surface = np.argwhere((depth > 0.5) & (depth < 1.8))
+    if len(surface) and n_cortical:
+        starts = surface[rng.choice(len(surface), n_cortical, replace=False)].astype(np.float64)
+        gs = np.stack([_sample(grad[..., a], starts) for a in range(3)], -1)
+        tang = np.cross(gs, rng.normal(size=gs.shape))
+
+        def cortical_guide(pos, d):
+            g = np.stack([_sample(grad[..., a], pos) for a in range(3)], -1)
+            gn = g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-9)
+            dep = _sample(depth, pos)
+            d_t = d - (d * gn).sum(1, keepdims=True) * gn            # keep tangent to the surface
+            return d_t + gn[:, :] * (1.0 - dep)[:, None] * 0.6        # pull back to ~1 mm depth
+
+        lengths = rng.uniform(20, 60, n_cortical)
+        walks = _walk(rng, starts, tang, int(lengths.max() / step_mm), step_vox, cortical_guide, 0.08, 0.85)
+        radii = rng.uniform(0.6, 1.5, n_cortical)
+        for w, length, r in zip(walks, lengths, radii):
+            tubes.append((w[: int(length / step_mm)], float(r)))
+
+    # --- deep medullary veins: from the ventricle walls outwards through WM
+    csf_deep = (anat.csf > 0.5) & (np.abs(anat.mni[0]) < 25) & (np.abs(anat.mni[1] + 5) < 35) & (anat.mni[2] > -5)
+    if csf_deep.any() and n_medullary:
+        wall = np.argwhere(ndimage.binary_dilation(csf_deep, iterations=2) & ~csf_deep & (anat.wm > 0.5))
+        if len(wall):
+            starts = wall[rng.choice(len(wall), min(n_medullary, len(wall)), replace=False)].astype(np.float64)
+            vdist = ndimage.distance_transform_edt(~csf_deep, sampling=spacing).astype(np.float32)
+            vgrad = np.stack(np.gradient(ndimage.gaussian_filter(vdist, 2.0)), -1)  # away from ventricles
+
+            def medullary_guide(pos, d):
+                g = np.stack([_sample(vgrad[..., a], pos) for a in range(3)], -1)
+                return g / (np.linalg.norm(g, axis=1, keepdims=True) + 1e-9)
+
+            d0 = np.stack([_sample(vgrad[..., a], starts) for a in range(3)], -1) + rng.normal(0, 0.3, starts.shape)
+            lengths = rng.uniform(10, 35, len(starts))
+            walks = _walk(rng, starts, d0, int(lengths.max() / step_mm), step_vox, medullary_guide, 0.06, 0.8)
+            radii = rng.uniform(0.4, 0.8, len(starts))
+            wm = anat.wm
+            for w, length, r in zip(walks, lengths, radii):
+                w = w[: int(length / step_mm)]
+                inside = _sample(wm, w) > 0.3                # stop where the WM ends (cortex reached)
+                stop = np.argmin(inside) if not inside.all() else len(w)
+                if stop > 10:
+                    tubes.append((w[:stop], float(r)))
+    return tubes
+
+
+def rasterize_tubes(shape: tuple[int, int, int], spacing, tubes: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Partial-volume occupancy in [0, 1] (float32) of the union of tubes.
+
+    Each centre-line point splats onto the voxels within radius + 1 voxel; a voxel's occupancy is
+    ``clip(r + 0.5 - d, 0, 1)`` with ``d`` its distance (mm) to the nearest centre-line point (max over tubes).
+    """
+    spacing = np.asarray(spacing, dtype=np.float64)
+    occ = np.zeros(int(np.prod(shape)), dtype=np.float32)
+    if not tubes:
+        return occ.reshape(shape)
+    pts = np.concatenate([t[0] for t in tubes])
+    rad = np.concatenate([np.full(len(t[0]), t[1]) for t in tubes])
+    reach = int(np.ceil(rad.max() + 1.0))
+    off = np.stack(np.meshgrid(*[np.arange(-reach, reach + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    base = np.rint(pts).astype(np.int64)
+    for chunk in range(0, len(pts), 4000):
+        b = base[chunk:chunk + 4000][:, None, :] + off[None]            # (n, m, 3)
+        d = np.linalg.norm((b - pts[chunk:chunk + 4000][:, None, :]) * spacing, axis=-1)
+        v = np.clip(rad[chunk:chunk + 4000][:, None] + 0.5 - d, 0, 1).astype(np.float32)
+        ok = (v > 0) & np.all((b >= 0) & (b < np.asarray(shape)), axis=-1)
+        flat = np.ravel_multi_index(tuple(b[ok].T), shape)
+        vals = v[ok]
+        order = np.argsort(vals, kind="stable")                          # last write wins: keep the max
+        tmp = np.zeros_like(occ)
+        tmp[flat[order]] = vals[order]
+        np.maximum(occ, tmp, out=occ)
+    return occ.reshape(shape)
