@@ -89,8 +89,7 @@ run: ["$[h.attach(@trainer) for h in @checkpoint_handlers]", "$@trainer.run()", 
 
 
 def _env(tmp: Path) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp}{os.pathsep}{REPO}")
-    return env
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp}{os.pathsep}{REPO}")
 
 
 def _cmd(cfg: Path, run_dir: Path, **overrides) -> list[str]:
@@ -225,3 +224,106 @@ def test_reseed_reaches_transforms_inside_randomizable_datasets():
     for i in range(2):
         for u, v in zip(one[i], two[i]):
             np.testing.assert_array_equal(np.asarray(u), np.asarray(v))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batch inference of the synthesis bundle (cmb_synthesis.synthesis_infer.run_inference): atomic outputs, skip
+# existing unless overwrite, never over an input.
+
+KILL_DURING_SAVE = r'''
+import os, signal, sys
+import nibabel as nib
+import torch
+from cmb_synthesis.networks import CMBGenerator
+from cmb_synthesis.synthesis_infer import run_inference
+
+real_save, calls = nib.save, []
+
+def dying_save(img, filename, *a, **k):
+    calls.append(str(filename))
+    if os.path.basename(str(filename)).startswith(".s1_synthetic.nii.gz."):  # the image's temporary file
+        real_save(img, filename, *a, **k)
+        data = open(filename, "rb").read()
+        open(filename, "wb").write(data[: len(data) // 2])  # half-written file, then the process dies
+        os.kill(os.getpid(), signal.SIGKILL)
+    return real_save(img, filename, *a, **k)
+
+nib.save = dying_save
+torch.manual_seed(0)
+run_inference(sys.argv[1], sys.argv[2], G_HP=CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3), patch=(48, 40, 16))
+'''
+
+
+def _scan_folder(tmp: Path) -> Path:
+    import nibabel as nib
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([-0.98, 0.98, 1.0, 1.0])
+    shape = (48, 40, 36)
+    src = tmp / "in"
+    src.mkdir()
+    for sid in ("s1", "s2"):
+        img = (100 + 20 * rng.random(shape)).astype(np.float32)
+        bm = np.zeros(shape, np.uint8)
+        bm[4:44, 4:36, 2:34] = 1
+        mask = np.zeros(shape, np.uint16)
+        mask[20:23, 18:21, 15:18] = 1
+        nib.save(nib.Nifti1Image(img, affine), str(src / f"{sid}_swi.nii.gz"))
+        nib.save(nib.Nifti1Image(bm, affine), str(src / f"{sid}_brainmask.nii.gz"))
+        nib.save(nib.Nifti1Image(mask, affine), str(src / f"{sid}_mask.nii.gz"))
+    return src
+
+
+@pytest.mark.e2e
+def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_path):
+    import nibabel as nib
+
+    src, out = _scan_folder(tmp_path), tmp_path / "out"
+    (tmp_path / "die.py").write_text(KILL_DURING_SAVE)
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "die.py"), str(src), str(out)], env=_env(tmp_path), capture_output=True, timeout=300
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    # the half-written image never appears under its final name
+    assert not (out / "s1_synthetic.nii.gz").exists()
+    assert not (out / "inference_summary.json").exists()
+    for f in out.iterdir():  # whatever is there under a final name is complete
+        if not f.name.startswith("."):
+            nib.load(str(f)).get_fdata()
+    # a rerun finishes the job: no output is mistaken for done
+    from cmb_synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis_infer import run_inference
+
+    res = run_inference(src, out, G_HP=CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3), patch=(48, 40, 16))
+    assert sorted(res["written"]) == ["s1", "s2"] and res["skipped"] == []
+    assert nib.load(str(out / "s1_synthetic.nii.gz")).shape == (48, 40, 36)
+
+
+@pytest.mark.e2e
+def test_synthesis_inference_skips_existing_overwrites_on_request_and_never_writes_over_inputs(tmp_path):
+    import json
+
+    from cmb_synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis_infer import run_inference
+
+    src, out = _scan_folder(tmp_path), tmp_path / "out"
+    G = CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3)
+    kw = dict(G_HP=G, patch=(48, 40, 16))
+    assert sorted(run_inference(src, out, **kw)["written"]) == ["s1", "s2"]
+    stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
+    again = run_inference(src, out, **kw)
+    assert again["skipped"] == ["s1", "s2"] and not again["written"]
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == stamp
+    forced = run_inference(src, out, overwrite=True, **kw)
+    assert sorted(forced["written"]) == ["s1", "s2"]
+    assert all(p.stat().st_mtime_ns != stamp[p.name] for p in out.glob("*.nii.gz"))
+
+    # a datalist whose image is named like an output, written to its own folder: refused even with overwrite
+    before = (src / "s1_swi.nii.gz").read_bytes()
+    (src / "s1_synthetic.nii.gz").write_bytes(before)
+    items = [{"image": "s1_synthetic.nii.gz", "brainmask": "s1_brainmask.nii.gz", "mask": "s1_mask.nii.gz",
+              "group": "healthy", "id": "s1"}]  # fmt: skip
+    (src / "datalist.json").write_text(json.dumps({"training": items}))
+    res = run_inference(src / "datalist.json", src, overwrite=True, raise_on_error=False, **kw)
+    assert "refusing to write over an input" in res["failed"]["s1"]
+    assert (src / "s1_synthetic.nii.gz").read_bytes() == before
