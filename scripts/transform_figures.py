@@ -105,9 +105,11 @@ def main(datalist: str | None = None, out_dir: str = str(ROOT / "docs" / "img"),
     t_mask = time.perf_counter() - t0
     lab = s["label"][0].numpy()
     img = h["image"][0].numpy()
-    zs = np.argsort((lab > 0).sum(axis=(0, 1)))[::-1][:3]
+    # three slices through different lesions, spread over z
+    zc = sorted({int(np.argwhere(lab == i)[:, 2].mean().round()) for i in range(1, int(lab.max()) + 1)})
+    zs = [zc[int(q * (len(zc) - 1))] for q in (0.2, 0.5, 0.8)] if zc else [lab.shape[2] // 2] * 3
     fig, axes = plt.subplots(1, 4, figsize=(12, 3.4))
-    for ax, zz in zip(axes, sorted(zs)):
+    for ax, zz in zip(axes, zs):
         _overlay(ax, img[:, :, zz], lab[:, :, zz], f"healthy + sampled mask, z={zz}")
     mip = (lab > 0).max(axis=2)
     axes[3].imshow(img.mean(axis=2).T, cmap="gray", origin="lower")
