@@ -150,10 +150,13 @@ def test_anisotropic_nifti_processed_at_model_spacing_and_written_back(subject, 
     can = external.to_canonical(src, spacing=(0.98, 0.98, 1.0))
     assert can.resampled and np.allclose(can.spacing, (0.98, 0.98, 1.0), atol=1e-4)
     assert all(abs(a - b) <= 1 for a, b in zip(can.array.shape, orig.shape))
-    sl = tuple(slice(0, min(a, b)) for a, b in zip(can.array.shape, orig.shape))
-    brain = np.asarray(nib.load(subject["brainmask"]).dataobj)[sl] > 0
-    corr = np.corrcoef(can.array[sl][brain], orig.get_fdata(dtype=np.float32)[sl][brain])[0, 1]
-    assert corr > 0.9, corr
+    # aligned with the original voxels: best match at zero shift (thick slices lose small veins/CMBs, hence
+    # the moderate absolute level)
+    n = min(can.array.shape[2], orig.shape[2]) - 4
+    a, b = can.array[..., 2 : 2 + n], orig.get_fdata(dtype=np.float32)
+    brain = np.asarray(nib.load(subject["brainmask"]).dataobj)[..., 2 : 2 + n] > 0
+    corr = {dz: np.corrcoef(a[brain], b[..., 2 + dz : 2 + dz + n][brain])[0, 1] for dz in (-2, -1, 0, 1, 2)}
+    assert max(corr, key=corr.get) == 0 and corr[0] > 0.8, corr
 
     # written back on the thick-slice grid, with its affine and header
     out = tmp_path / "thick_swi_processed.nii.gz"
