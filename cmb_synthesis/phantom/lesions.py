@@ -81,7 +81,10 @@ def place_lesions(
     # tissue a lesion may occupy (every labelled voxel) and where its centre may fall
     tissue_ok = brain & ~deep & (anat.csf < 0.35) & ((anat.wm > 0.4) | ((anat.gm > 0.3) & (anat.wm > 0.15)) | anat.brainstem)
     tissue_ok &= ndimage.binary_erosion(brain, iterations=3)
-    far_from_veins = ndimage.distance_transform_edt(veins == 0, sampling=spacing) >= vein_gap_mm
+    reach_v = np.ceil(vein_gap_mm / spacing).astype(int)
+    ball = np.stack(np.meshgrid(*[np.arange(-r, r + 1) for r in reach_v], indexing="ij"), -1) * spacing
+    ball = np.linalg.norm(ball, axis=-1) < vein_gap_mm
+    far_from_veins = ~ndimage.binary_dilation(veins > 0, structure=ball)
     allowed = tissue_ok & far_from_veins
     wm_core = allowed & (anat.wm > 0.6)
     junction = allowed & (anat.gm > 0.3) & (anat.wm > 0.15) & ~wm_core

@@ -58,7 +58,7 @@ def trace_veins(
     spacing = np.asarray(anat.spacing)
     brain = anat.brain > 0.5
     tubes: list[tuple[np.ndarray, float]] = []
-    step_mm = 0.4
+    step_mm = 0.8                      # tracing step; centre lines are resampled to 0.4 mm for rasterising
     step_vox = step_mm / spacing
 
     # --- cortical veins: follow the surface at ~1 mm depth
@@ -110,6 +110,16 @@ def trace_veins(
     return tubes
 
 
+def _densify(line: np.ndarray) -> np.ndarray:
+    """Insert midpoints so consecutive centre-line points are at most half a voxel apart."""
+    if len(line) < 2:
+        return line
+    mid = (line[1:] + line[:-1]) / 2
+    out = np.empty((2 * len(line) - 1, 3))
+    out[0::2], out[1::2] = line, mid
+    return out
+
+
 def rasterize_tubes(shape: tuple[int, int, int], spacing, tubes: list[tuple[np.ndarray, float]]) -> np.ndarray:
     """Partial-volume occupancy in [0, 1] (float32) of the union of tubes.
 
@@ -120,8 +130,9 @@ def rasterize_tubes(shape: tuple[int, int, int], spacing, tubes: list[tuple[np.n
     occ = np.zeros(int(np.prod(shape)), dtype=np.float32)
     if not tubes:
         return occ.reshape(shape)
-    pts = np.concatenate([t[0] for t in tubes])
-    rad = np.concatenate([np.full(len(t[0]), t[1]) for t in tubes])
+    dense = [_densify(t[0]) for t in tubes]
+    pts = np.concatenate(dense)
+    rad = np.concatenate([np.full(len(d), t[1]) for d, t in zip(dense, tubes)])
     reach = int(np.ceil(rad.max() + 1.0))
     off = np.stack(np.meshgrid(*[np.arange(-reach, reach + 1)] * 3, indexing="ij"), -1).reshape(-1, 3)
     base = np.rint(pts).astype(np.int64)
