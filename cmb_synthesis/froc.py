@@ -59,6 +59,7 @@ __all__ = [
     "write_candidates_csv",
     "read_candidates_csv",
     "evaluate_csv",
+    "scan_results_from_csv",
     "main",
 ]
 
@@ -573,21 +574,12 @@ def _image_keys(item: Mapping[str, Any]) -> list[str]:
     return keys
 
 
-def evaluate_csv(
-    candidates_csv: PathLike,
-    datalist: PathLike,
-    split: str = "test",
-    out_dir: PathLike | None = None,
-    n_bootstrap: int = 1000,
-    seed: int = 0,
-    fp_rates: Sequence[float] = FP_RATES,
-) -> dict[str, Any]:
-    """Evaluate a ``candidates.csv`` against the instance labels of a datalist split.
+def scan_results_from_csv(candidates_csv: PathLike, datalist: PathLike, split: str = "test") -> list[ScanResult]:
+    """Match a ``candidates.csv`` against the instance labels of a datalist split: one :class:`ScanResult` per
+    item of the split (in datalist order; a scan without candidates has all its lesions missed).
 
-    The CSV's ``image`` column names a split item by file name (e.g. ``sub-001_swi.nii.gz``), path, or
-    ``id``. Every item of the split is a scan (one without candidates has all its lesions missed). Voxel
-    indices refer to the image file's voxel grid as stored; the label must share it. With ``out_dir`` the
-    report is written there (:func:`write_report`).
+    The CSV's ``image`` column names a split item by file name (e.g. ``sub-001_swi.nii.gz``), path, or ``id``;
+    voxel indices refer to the image file's voxel grid as stored, which the label must share.
     """
     import nibabel as nib
 
@@ -621,6 +613,26 @@ def evaluate_csv(
         coords = np.array([[r["i"], r["j"], r["k"]] for r in rs], dtype=np.int64).reshape(-1, 3)
         probs = np.array([r["probability"] for r in rs], dtype=np.float64)
         results.append(match_candidates(str(it.get("id") or Path(it["image"]).name), coords, probs, lab))
+    return results
+
+
+def evaluate_csv(
+    candidates_csv: PathLike,
+    datalist: PathLike,
+    split: str = "test",
+    out_dir: PathLike | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    fp_rates: Sequence[float] = FP_RATES,
+) -> dict[str, Any]:
+    """Evaluate a ``candidates.csv`` against the instance labels of a datalist split.
+
+    The CSV's ``image`` column names a split item by file name (e.g. ``sub-001_swi.nii.gz``), path, or
+    ``id``. Every item of the split is a scan (one without candidates has all its lesions missed). Voxel
+    indices refer to the image file's voxel grid as stored; the label must share it. With ``out_dir`` the
+    report is written there (:func:`write_report`).
+    """
+    results = scan_results_from_csv(candidates_csv, datalist, split)
     metrics = evaluate(results, n_bootstrap=n_bootstrap, seed=seed, fp_rates=fp_rates)
     metrics["candidates_csv"] = str(candidates_csv)
     metrics["datalist"] = str(datalist)
