@@ -262,13 +262,15 @@ def allowed_region(
     image: np.ndarray | None = None,
     allowed_tissue: Sequence[int] = DEFAULT_ALLOWED_TISSUE,
     erosion: int = 1,
-    csf_percentile: float = 97.0,
+    csf_percentile: float = 92.0,
+    csf_dilation: int = 1,
 ) -> np.ndarray:
     """Voxels where a lesion may lie: brain mask eroded by ``erosion`` voxels, then
 
     - with a tissue map: tissue class in ``allowed_tissue`` (GM, WM, deep GM: not CSF, not background);
-    - without one: voxels brighter than the ``csf_percentile`` in-brain percentile of ``image`` removed
-      (CSF is bright on SWI); ``image=None`` skips this.
+    - without one: voxels brighter than the ``csf_percentile`` in-brain percentile of ``image``, grown by
+      ``csf_dilation`` voxels, removed (CSF is bright on SWI; the margin also removes partial-volume CSF);
+      ``image=None`` skips this.
 
     All arrays (X, Y, Z); returns bool (X, Y, Z).
     """
@@ -277,8 +279,10 @@ def allowed_region(
     if tissue is not None:
         allowed &= np.isin(tissue, np.asarray(allowed_tissue))
     elif image is not None and bm.any():
-        thr = np.percentile(image[bm], csf_percentile)
-        allowed &= image <= thr
+        bright = image > np.percentile(image[bm], csf_percentile)
+        if csf_dilation > 0:
+            bright = ndimage.binary_dilation(bright, iterations=int(csf_dilation))
+        allowed &= ~bright
     return allowed
 
 
@@ -298,7 +302,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
         rotate90, flip: random 90-degree rotations / flips in the axial plane (axes 0, 1).
         gap: minimum distance in voxels between lesions (1: lesions never touch, not even diagonally).
         max_tries: placement attempts per lesion before giving up on it (logged).
-        erosion, allowed_tissue, csf_percentile: see :func:`allowed_region`.
+        erosion, allowed_tissue, csf_percentile, csf_dilation: see :func:`allowed_region`.
         match_spacing: rescale bank shapes by ``bank.spacing / image spacing`` (from the image affine).
         tissue_prior: with a tissue map and a bank that has ``tissue_fraction``, also weight centres so the
             tissue class of the sampled centres follows the training lesions' (each allowed class keeps at
@@ -321,7 +325,8 @@ class RandLesionMaskd(Randomizable, MapTransform):
         max_tries: int = 50,
         erosion: int = 1,
         allowed_tissue: Sequence[int] = DEFAULT_ALLOWED_TISSUE,
-        csf_percentile: float = 97.0,
+        csf_percentile: float = 92.0,
+        csf_dilation: int = 1,
         match_spacing: bool = True,
         tissue_prior: bool = True,
         tissue_floor: float = 0.05,
@@ -337,6 +342,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
         self.scale_range = (float(scale_range[0]), float(scale_range[1]))
         self.rotate90, self.flip, self.gap, self.max_tries = rotate90, flip, int(gap), int(max_tries)
         self.erosion, self.allowed_tissue, self.csf_percentile = int(erosion), tuple(allowed_tissue), csf_percentile
+        self.csf_dilation = int(csf_dilation)
         self.match_spacing, self.dtype = match_spacing, dtype
         self.tissue_prior, self.tissue_floor = tissue_prior, float(tissue_floor)
         counts = self.bank.counts[self.bank.counts >= self.min_lesions]
@@ -377,7 +383,9 @@ class RandLesionMaskd(Randomizable, MapTransform):
             raise ValueError(f"{name}: brain mask shape {bm.shape} != image shape {image.shape}")
         if not (bm > 0).any():
             raise ValueError(f"{name}: brain mask is empty, nowhere to place lesions")
-        allowed = allowed_region(bm, tissue, image, self.allowed_tissue, self.erosion, self.csf_percentile)
+        allowed = allowed_region(
+            bm, tissue, image, self.allowed_tissue, self.erosion, self.csf_percentile, self.csf_dilation
+        )
         if not allowed.any():
             raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small or all CSF)")
         zoom = np.ones(3)
