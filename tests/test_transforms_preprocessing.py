@@ -199,3 +199,24 @@ def test_invertd_maps_output_back_to_input_space_and_range(tmp_path, scan):
     inside = (img >= lo) & (img <= hi)
     np.testing.assert_allclose(out[0].numpy()[inside], img[inside], rtol=1e-5)
     np.testing.assert_allclose(out[0].numpy()[img > hi], hi, rtol=1e-5)  # clipped voxels return at the clip
+
+
+def test_dicom_series_folder_via_itk(tmp_path):
+    """A DICOM series folder is read by MONAI's ITK reader and reoriented to RAS (ITK stores LPS)."""
+    itk = pytest.importorskip("itk")
+    vol = (np.random.default_rng(0).random((16, 14, 6)) * 1000 + 100).astype(np.int16)
+    folder = tmp_path / "series"
+    folder.mkdir()
+    img = itk.image_from_array(np.ascontiguousarray(vol.transpose(2, 1, 0)))  # ITK arrays are (z, y, x)
+    img.SetSpacing([0.98, 0.98, 1.0])
+    names = [str(folder / f"IM{k + 1:04d}.dcm") for k in range(vol.shape[2])]
+    writer = itk.ImageSeriesWriter[type(img), itk.Image[itk.SS, 2]].New(Input=img, ImageIO=itk.GDCMImageIO.New(), FileNames=names)
+    writer.Update()
+    d = preprocessing(mask_keys=(), label_keys=())({"image": str(folder)})
+    expected, lo, hi = percentile_scale(vol[::-1, ::-1].astype(np.float32), None, 0.0, 99.5)  # LPS -> RAS
+    np.testing.assert_allclose(d["image"][0].numpy(), expected, atol=1e-6)
+    assert d["image"].meta["percentile_scale"] == pytest.approx((lo, hi))
+    empty = tmp_path / "empty_series"
+    empty.mkdir()
+    with pytest.raises((ValueError, FileNotFoundError), match="empty_series"):
+        preprocessing(mask_keys=(), label_keys=())({"image": str(empty)})
