@@ -156,3 +156,25 @@ def test_bad_inputs():
     img = MetaTensor(torch.zeros((8, 8, 8)), meta={"filename_or_obj": "/data/sub-9_swi.nii.gz"})
     with pytest.raises(ValueError, match="sub-9_swi.nii.gz.*channel-first"):
         FRSTCandidatesd(keys="image", mask_key=None)({"image": img})
+
+
+def test_candidate_stage_on_phantom_scans(tiny_cohort):
+    """Preprocessed phantom test scans: the default candidate stage hits the CMBs with at most the cap."""
+    from monai.data import load_decathlon_datalist
+
+    from cmb_synthesis.froc import match_candidates
+    from transforms.frst import DEFAULT_MAX_CANDIDATES
+    from transforms.pipelines import preprocessing
+
+    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    cand = FRSTCandidatesd(keys="image", mask_key="brainmask", workers=2)
+    hit = total = 0
+    for item in load_decathlon_datalist(tiny_cohort, True, "test"):
+        d = cand(pre({k: item[k] for k in ("image", "brainmask", "label")}))
+        coords = d["candidates"]
+        assert 0 < len(coords) <= DEFAULT_MAX_CANDIDATES
+        assert np.all(d["brainmask"][0].numpy()[tuple(coords.T)] > 0)  # inside the brain
+        r = match_candidates(item["id"], coords, d["candidates_score"], d["label"][0].numpy())
+        hit += int((~np.isnan(r.lesion_scores)).sum())
+        total += len(r.lesion_scores)
+    assert total > 0 and hit / total >= 0.9, (hit, total)
