@@ -220,3 +220,16 @@ def test_dicom_series_folder_via_itk(tmp_path):
     empty.mkdir()
     with pytest.raises((ValueError, FileNotFoundError), match="empty_series"):
         preprocessing(mask_keys=(), label_keys=())({"image": str(empty)})
+
+
+def test_preprocessing_of_arrays_without_loading():
+    rng = np.random.default_rng(1)
+    x = (rng.random((10, 9, 8)) * 50 + 5).astype(np.float32)
+    m = np.zeros((10, 9, 8), np.uint8)
+    m[2:8, 2:7, 2:6] = 1
+    d = preprocessing(label_keys=(), load=False, channel_dim="no_channel")({"image": x, "brainmask": m})
+    expected, lo, hi = percentile_scale(x, m)
+    np.testing.assert_allclose(d["image"][0].numpy(), expected, atol=1e-6)
+    assert d["image"].meta["percentile_scale"] == pytest.approx((lo, hi)) and d["brainmask"].dtype == torch.uint8
+    with pytest.raises(ValueError, match="empty"):
+        preprocessing(label_keys=(), load=False, channel_dim="no_channel")({"image": x, "brainmask": 0 * m})

@@ -60,6 +60,7 @@ def preprocessing(
     axcodes: str = "RAS",
     reader: Any = None,
     clip: bool = True,
+    channel_dim: int | str | None = None,
     allow_missing_keys: bool = False,
 ) -> Compose:
     """SWI preprocessing Compose (the paper's: clip to [0, 99.5] percentiles, rescale to [0, 1]).
@@ -76,6 +77,8 @@ def preprocessing(
         axcodes: target orientation (``Orientationd``); the affine in ``meta`` maps back to the input's space.
         reader: ``LoadImaged`` reader (None: MONAI picks nibabel for NIfTI, ITK for DICOM folders).
         clip: clip to [0, 1] after rescaling.
+        channel_dim: ``EnsureChannelFirstd`` channel dim: None reads it from the loaded metadata; with
+            ``load=False`` and plain (X, Y, Z) arrays pass ``"no_channel"``.
         allow_missing_keys: skip mask/label/extra keys absent from the data (images are always required).
 
     Raises (at call time): ``ValueError`` / ``FileNotFoundError`` naming the file, see :class:`CheckSWId`.
@@ -91,9 +94,9 @@ def preprocessing(
         if other:
             # native dtype, so a non-binary mask is seen by the checks before any cast
             steps.append(LoadImageCheckedd(other, reader=reader, dtype=None, image_only=True, allow_missing_keys=amk))
-    steps.append(EnsureChannelFirstd(keys, channel_dim=None))
+    steps.append(EnsureChannelFirstd(keys, channel_dim=channel_dim))
     if other:
-        steps.append(EnsureChannelFirstd(other, channel_dim=None, allow_missing_keys=amk))
+        steps.append(EnsureChannelFirstd(other, channel_dim=channel_dim, allow_missing_keys=amk))
     steps.append(Orientationd(all_keys, axcodes=axcodes, labels=(("L", "R"), ("P", "A"), ("I", "S")), allow_missing_keys=amk))
     steps.append(
         CheckSWId(keys, mask_keys=mask_keys, binary_keys=binary_keys, label_keys=label_keys + extra_keys, allow_missing_keys=amk)
