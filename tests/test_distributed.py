@@ -19,8 +19,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SYN = REPO / "bundles" / "cmb_synthesis" / "configs"
-WRITERS = {
-    "CheckpointSaver",
+WRITERS = {  # CheckpointSaver is not gated: Ignite's Checkpoint itself saves on rank 0 only
     "cmb_synthesis.handlers.ExportNetworks",
     "StatsHandler",
     "TensorBoardStatsHandler",
