@@ -63,7 +63,7 @@ DEFAULT_BETA: float = 0.05
 DEFAULT_MIN_DISTANCE_MM: float = 3.0
 DEFAULT_MAX_CANDIDATES: int = 300
 DEFAULT_PRESMOOTH_SIGMA_MM: float = 0.0
-DEFAULT_SNAP_RADIUS_MM: float = 0.0
+DEFAULT_SNAP_RADIUS_MM: float = 1.0
 
 
 def kappa_for_radius(n: float) -> float:
