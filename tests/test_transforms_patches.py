@@ -85,3 +85,18 @@ def test_candidate_patches_centred_and_padded():
     assert extract_candidate_patches(img, np.zeros((0, 3), int), (4, 4, 4)).shape == (0, 1, 4, 4, 4)
     with pytest.raises(ValueError, match="outside"):
         extract_candidate_patches(img, np.array([[10, 0, 0]]), (4, 4, 4))
+
+
+def test_bundle_config_targets():
+    """Bundle configs build the transforms by ``_target_: transforms.<Name>`` (lazy package exports)."""
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser(
+        {
+            "imports": ["$import transforms"],
+            "patches": {"_target_": "transforms.CandidatePatchesd", "keys": ["image"], "patch_size": [8, 8, 4]},
+            "cda": {"_target_": "transforms.classical_augmentation", "prob": 0.2},
+        }
+    )
+    assert isinstance(parser.get_parsed_content("patches"), CandidatePatchesd)
+    assert len(parser.get_parsed_content("cda").transforms) == 5
