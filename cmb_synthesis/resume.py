@@ -6,8 +6,9 @@ Two Ignite handlers, attached by a bundle's ``train.yaml`` like any MONAI handle
   ``(seed, epoch, rank)`` at every ``EPOCH_STARTED``. The random stream of epoch ``e`` then depends only on the
   seed and ``e`` (not on what ran before in this process), so a run resumed from the checkpoint of epoch
   ``e - 1`` replays epoch ``e`` exactly. Data loader iterators are created lazily by Ignite after
-  ``EPOCH_STARTED``, so shuffling (``RandomSampler``), worker seeds (``num_workers > 0``) and MONAI's
-  ``Randomizable`` transforms are all covered. ``DistributedSampler`` is reseeded by MONAI's ``set_epoch``.
+  ``EPOCH_STARTED``, so shuffling (``RandomSampler``), samplers with their own generator (e.g. a seeded
+  ``WeightedRandomSampler``), worker seeds (``num_workers > 0``) and MONAI's ``Randomizable`` transforms are all
+  covered. ``DistributedSampler`` is reseeded by MONAI's ``set_epoch``.
 - :class:`ResumeFromLatest` loads, at ``STARTED``, the newest *complete* checkpoint of a folder (see
   :func:`find_latest_checkpoint`) through MONAI's :class:`~monai.handlers.CheckpointLoader`
   (``torch.load(..., weights_only=True)``), restoring networks, optimisers and the trainer's epoch/iteration;
@@ -159,14 +160,13 @@ class EpochReseed:
             torch.backends.cudnn.deterministic = True
             torch.backends.cudnn.benchmark = False
         # the loaders' datasets (their random transforms), the loaders' own generators, then any extras
-        nxt = s + 1
+        # (a sampler's own generator, e.g. a seeded WeightedRandomSampler, included)
+        nxt, visited = s + 1, set()
         for loader in self._all_loaders(engine):
-            nxt = reseed_tree(getattr(loader, "dataset", loader), nxt)
-            generator = getattr(loader, "generator", None)
-            if isinstance(generator, torch.Generator):
-                generator.manual_seed(nxt)
-                nxt += 1
-        reseed_tree(self.extra, nxt)
+            nxt = reseed_tree(getattr(loader, "dataset", loader), nxt, visited)
+            for attr in ("sampler", "batch_sampler", "generator"):
+                nxt = reseed_tree(getattr(loader, attr, None), nxt, visited)
+        reseed_tree(self.extra, nxt, visited)
         engine.state.epoch_seed = s
 
 

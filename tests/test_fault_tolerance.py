@@ -327,3 +327,30 @@ def test_synthesis_inference_skips_existing_overwrites_on_request_and_never_writ
     res = run_inference(src / "datalist.json", src, overwrite=True, raise_on_error=False, **kw)
     assert "refusing to write over an input" in res["failed"]["s1"]
     assert (src / "s1_synthetic.nii.gz").read_bytes() == before
+
+
+def test_epoch_reseed_covers_seeded_samplers():
+    """A WeightedRandomSampler with its own generator (the detection bundle's) replays an epoch after a resume."""
+
+    class _State:
+        epoch = 0
+
+    def draws(start_epoch: int) -> list[list[int]]:
+        g = torch.Generator().manual_seed(0)
+        sampler = torch.utils.data.WeightedRandomSampler(torch.ones(50, dtype=torch.double), 8, generator=g)
+        loader = torch.utils.data.DataLoader(list(range(50)), batch_size=8, sampler=sampler)
+
+        class _Engine:
+            state = _State()
+            data_loader = loader
+
+        seeder, out = EpochReseed(seed=1, rank=0), []
+        for epoch in range(start_epoch, 4):
+            _Engine.state.epoch = epoch
+            seeder(_Engine)
+            out.append(next(iter(loader)).tolist())
+        return out
+
+    full = draws(1)
+    assert full[-2:] == draws(2)[-2:] and full[-1] == draws(3)[-1]
+    assert full[0] != full[1]  # still random from epoch to epoch
