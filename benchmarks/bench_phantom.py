@@ -1,0 +1,51 @@
+"""Phantom generation speed and memory: seconds and peak RSS per subject on one core.
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--out results.json]
+
+Target (issue 2): at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
+process) is timed separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    from cmb_synthesis.phantom.anatomy import mni_templates
+    from cmb_synthesis.phantom.subject import simulate_subject
+
+    t0 = time.perf_counter()
+    mni_templates()
+    load_s = time.perf_counter() - t0
+    times, cpu = [], []
+    for n in range(args.subjects):
+        t, c = time.perf_counter(), time.process_time()
+        simulate_subject(1000 + n, pathological=bool(n % 2 == 0))
+        times.append(time.perf_counter() - t)
+        cpu.append(time.process_time() - c)
+    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
+                      f"{os.environ['OMP_NUM_THREADS']}", "template_load_s": round(load_s, 2),
+           "per_subject_s": [round(t, 2) for t in times], "mean_s": round(sum(times) / len(times), 2),
+           "cpu_s_per_subject": [round(t, 2) for t in cpu], "mean_cpu_s": round(sum(cpu) / len(cpu), 2),
+           "load_average_1min": round(os.getloadavg()[0], 1), "peak_rss_gib": round(peak_gib, 2)}
+    print(json.dumps(res, indent=2))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
