@@ -160,7 +160,10 @@ class DumpRank:
     def __call__(self, engine):
         rank = int(os.environ.get("RANK", 0))
         params = {f"{n}.{k}": v.detach().clone() for n, net in self.networks.items() for k, v in net.state_dict().items()}
-        torch.save({"iteration": engine.state.iteration, "output": engine.state.output, "params": params,
+        out = engine.state.output
+        out = out[0] if isinstance(out, list) else out  # SupervisedTrainer: decollated items
+        out = {str(k): float(v) for k, v in out.items() if isinstance(v, (int, float)) or k == "loss"}
+        torch.save({"iteration": engine.state.iteration, "output": out, "params": params,
                     "world": torch.distributed.get_world_size()}, f"{self.path}_rank{rank}.pt")
 '''
 
@@ -187,7 +190,7 @@ n_critic: 1
 
 
 @pytest.mark.e2e
-def test_torchrun_bundle_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
+def test_torchrun_synthesis_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
     (tmp_path / "dumprank.py").write_text(DUMP_HANDLER)
     (tmp_path / "tiny_ddp.yaml").write_text(TINY_DDP)
     root = tmp_path / "bundle"
@@ -221,3 +224,43 @@ def test_torchrun_bundle_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
     # rank 0 alone logs: one writer per TensorBoard handler (train stats, validation stats, image grid)
     events = list((root / "runs").rglob("events.out.tfevents.*"))
     assert 1 <= len(events) <= 3, events
+
+
+TINY_DDP_DETECTION = """
+device: "$torch.device('cpu')"
+backend: gloo
+batch_size: 4
+epoch_length: 2
+max_epochs: 1
+channels: [4, 8]
+strides: [2, 2]
+num_res_units: 1
++imports: ["$import dumprank"]
++train#handlers:
+  - _target_: dumprank.DumpRank
+    path: "$@ckpt_dir + '/../dump'"
+    networks: {network: "@network"}
+"""
+
+
+@pytest.mark.e2e
+def test_torchrun_detection_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
+    (tmp_path / "dumprank.py").write_text(DUMP_HANDLER)
+    (tmp_path / "tiny_ddp.yaml").write_text(TINY_DDP_DETECTION)
+    root = tmp_path / "bundle"
+    files = [str(DET / "train.yaml"), str(DET / "multi_gpu_train.yaml"), str(tmp_path / "tiny_ddp.yaml")]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
+    cmd += ["--bundle_root", str(root), "--datalist", tiny_cohort, "--dataset_dir", str(Path(tiny_cohort).parent)]
+    env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    d0 = torch.load(root / "dump_rank0.pt", weights_only=True)
+    d1 = torch.load(root / "dump_rank1.pt", weights_only=True)
+    assert d0["world"] == d1["world"] == 2 and d0["iteration"] == d1["iteration"] == 2
+    assert all(torch.isfinite(torch.tensor(d["output"]["loss"])) for d in (d0, d1)), (d0["output"], d1["output"])
+    for k, v in d0["params"].items():
+        torch.testing.assert_close(d1["params"][k], v, rtol=0, atol=0)
+    best = torch.load(root / "models" / "model.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in best)  # saved unwrapped: loads without DDP
+    assert len(list((root / "runs").rglob("events.out.tfevents.*"))) <= 2  # rank 0's train + validation writers
