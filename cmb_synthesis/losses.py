@@ -83,6 +83,7 @@ def L_GAN(fake_scores: torch.Tensor, real_scores: torch.Tensor | None = None) ->
 def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
     """WGAN-GP penalty ``E[(||grad_x^ D(x^)||_2 - 1)^2]``, ``x^ = eps * real + (1 - eps) * fake``.
 
+    ``D(x)`` of a patch critic is the mean of its score map, as in :func:`L_GAN`.
     ``eps ~ U(0, 1)`` has shape (B, 1, 1, 1, 1) (one per sample). The block runs in float32 with autocast
     disabled, whatever the caller's precision, because the double backward is unstable in bf16/fp16.
     ``create_graph=True`` so the penalty trains the critic. Returns a scalar (multiply by ``lambda_gp``).
@@ -93,7 +94,10 @@ def gradient_penalty(critic: nn.Module, real: torch.Tensor, fake: torch.Tensor) 
         eps = torch.rand((real32.shape[0],) + (1,) * (real32.ndim - 1), device=real32.device, dtype=torch.float32)
         x_hat = (eps * real32 + (1.0 - eps) * fake32).requires_grad_(True)
         scores = critic(x_hat).float()
-        (grad,) = torch.autograd.grad(scores.sum(), x_hat, create_graph=True)
+        # the critic's value per sample is the mean of its patch map (as in L_GAN): the penalty constrains that
+        # function, not the sum over patches (which would shrink every patch's slope by the patch count)
+        per_sample = scores.flatten(1).mean(1) if scores.ndim > 1 else scores
+        (grad,) = torch.autograd.grad(per_sample.sum(), x_hat, create_graph=True)
         norm = grad.flatten(1).norm(2, dim=1)
         return ((norm - 1.0) ** 2).mean()
 

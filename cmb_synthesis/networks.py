@@ -67,7 +67,9 @@ class CMBGenerator(nn.Module):
         channels: width of the stem; the two downsampling stages use ``2 * channels`` and ``4 * channels``.
         n_res_blocks: residual blocks at 1/4 resolution (Xia et al. use 6-9; the CPU preset uses 2).
         stem_kernel: kernel of the stem convolution (7 as in Xia et al. / CycleGAN, 3 for cheap CPU runs).
-        norm: ``"instance"`` (default), ``"group"`` or ``None``.
+        norm: ``"instance"`` (default, as Xia et al.), ``"group"`` or ``None``. Instance statistics depend on the
+            field of view: train and infer at the same patch size (the paper preset), or use ``None`` when
+            training on small crops and inferring on whole axial planes (the CPU preset).
         output: ``"residual"`` (default): ``clamp(x + tanh(h), 0, 1)``; the head starts at zero so an untrained
             generator is the identity and learning concentrates on the change (what CMB painting and removal
             are). ``"sigmoid"``: ``sigmoid(h)``, a free image as in Xia et al. Both give values in [0, 1].

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset, load_decathlon_datalist
-from monai.transforms import Compose, Randomizable, RandCropByPosNegLabeld
+from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, Lambdad, Randomizable, RandCropByPosNegLabeld, RandWeightedCropd
 
 __all__ = [
     "load_groups",
@@ -67,7 +67,7 @@ def _preprocessing(items: Sequence[dict] = ()) -> Compose:
     return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",), extra_keys=extra)
 
 
-def _crop(patch_size: Sequence[int], pos: float, neg: float) -> RandCropByPosNegLabeld:
+def _crop(patch_size: Sequence[int], pos: float, neg: float, indices: bool = False) -> RandCropByPosNegLabeld:
     return RandCropByPosNegLabeld(
         keys=("image", "label", "brainmask"),
         label_key="label",
@@ -77,26 +77,49 @@ def _crop(patch_size: Sequence[int], pos: float, neg: float) -> RandCropByPosNeg
         num_samples=1,
         image_key="brainmask",
         image_threshold=0,
+        fg_indices_key="label_fg_indices" if indices else None,
+        bg_indices_key="label_bg_indices" if indices else None,
         allow_smaller=False,
     )
 
 
-def healthy_patch_transforms(bank: Any, patch_size: Sequence[int], n_lesions: int | None = None) -> Compose:
-    """Random part for healthy volumes: sample a lesion mask into ``label``, crop a patch centred on a lesion."""
+def _to_numpy(x: Any) -> np.ndarray:
+    """Plain arrays: indexing a MetaTensor of a million indices at every crop is slow."""
+    return np.asarray(x.as_tensor() if hasattr(x, "as_tensor") else x)
+
+
+def _lesion_weight(label: Any) -> Any:
+    return (label > 0).float()
+
+
+def healthy_patch_transforms(
+    bank: Any, patch_size: Sequence[int], n_lesions: int | None = None, crops_per_mask: int = 1
+) -> Compose:
+    """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches
+    each centred on a random lesion voxel (``RandWeightedCropd`` on the binary mask; one mask sample serves
+    several crops because sampling is the costly step). Returns a list of ``crops_per_mask`` dicts."""
     from transforms.lesion_mask import RandLesionMaskd
 
     return Compose(
         [
             RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions),
-            _crop(patch_size, pos=1.0, neg=0.0),
+            Lambdad(keys="label", func=_lesion_weight, overwrite="weight"),
+            DeleteItemsd(keys="tissue"),  # not needed any more; uncropped items would be copied per crop
+            RandWeightedCropd(
+                keys=("image", "label", "brainmask", "weight"),
+                w_key="weight",
+                spatial_size=tuple(int(s) for s in patch_size),
+                num_samples=int(crops_per_mask),
+            ),
         ]
     )
 
 
-def pathological_patch_transforms(patch_size: Sequence[int], pos_ratio: float = 3.0) -> Compose:
+def pathological_patch_transforms(patch_size: Sequence[int], pos_ratio: float = 3.0, indices: bool = False) -> Compose:
     """Random part for pathological volumes: crops centred on a lesion voxel with odds ``pos_ratio : 1``,
-    otherwise on a brain voxel (lesion oversampling)."""
-    return Compose([_crop(patch_size, pos=pos_ratio, neg=1.0)])
+    otherwise on a brain voxel (lesion oversampling). ``indices``: use cached ``fg_indices``/``bg_indices``
+    (``FgBgToIndicesd``: ``label_fg_indices``/``label_bg_indices``) instead of scanning the volume at every crop."""
+    return Compose([_crop(patch_size, pos=pos_ratio, neg=1.0, indices=indices)])
 
 
 def _first(x: Any) -> Any:
@@ -106,8 +129,9 @@ def _first(x: Any) -> Any:
 class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
     """Pairs healthy and pathological patch datasets into CycleGAN items (keys in the module docstring).
 
-    Item ``i`` uses healthy volume ``i mod n_h``, and two pathological volumes drawn at random (``x_p`` and the
-    independent ``x_p2``). ``length`` sets the epoch size (default ``max(n_h, n_p)``).
+    Each item draws its healthy patch from a buffer refilled from a random healthy volume (one sampled mask
+    gives several crops), and two pathological volumes at random (``x_p`` and the independent ``x_p2``).
+    ``length`` sets the epoch size (default ``max(n_h, n_p)``).
     """
 
     def __init__(self, healthy: torch.utils.data.Dataset, pathological: torch.utils.data.Dataset, length: int | None = None, seed: int = 0):
@@ -115,6 +139,7 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
             raise ValueError("CycleGANPatchDataset needs at least one healthy and one pathological volume")
         self.healthy, self.pathological = healthy, pathological
         self.length = int(length) if length else max(len(healthy), len(pathological))
+        self._buffer: list[dict] = []
         self.set_random_state(seed)
 
     def __len__(self) -> int:
@@ -124,9 +149,15 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
         n = len(self.pathological)
         self._j, self._k = self.R.randint(n), self.R.randint(n)
 
+    def _healthy_patch(self) -> dict:
+        if not self._buffer:
+            crops = self.healthy[self.R.randint(len(self.healthy))]
+            self._buffer = list(crops) if isinstance(crops, list) else [crops]
+        return self._buffer.pop()
+
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         self.randomize()
-        h = _first(self.healthy[i % len(self.healthy)])
+        h = self._healthy_patch()
         p = _first(self.pathological[self._j])
         p2 = _first(self.pathological[self._k])
         return {
@@ -153,6 +184,7 @@ def training_dataset(
     length: int | None = None,
     n_lesions: int | None = None,
     pos_ratio: float = 3.0,
+    crops_per_mask: int = 4,
     split: str = "training",
     cache_rate: float = 1.0,
     num_workers: int = 0,
@@ -166,22 +198,33 @@ def training_dataset(
         patch_size: crop size (X, Y, Z); the paper uses (160, 146, 32), the CPU preset (64, 64, 16).
         length: items per epoch; n_lesions: lesions per sampled mask (None: the sampler's default).
         pos_ratio: lesion-centred : random crops for pathological patches.
+        crops_per_mask: healthy crops cut from one sampled mask.
         cache_rate, num_workers: MONAI ``CacheDataset`` settings (preprocessing runs once per volume).
     """
     healthy, patho = load_groups(datalist, split)
     pre = list(_preprocessing(healthy + patho).flatten().transforms)  # flat, so CacheDataset caches up to the first random step
     h_ds = CacheDataset(
         healthy,
-        Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions).transforms) + [_as_plain]),
+        Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions, crops_per_mask).transforms) + [_as_plain]),
         cache_rate=cache_rate,
         num_workers=num_workers,
+        copy_cache=False,  # the random steps never modify the cached volumes in place
         progress=False,
     )
     p_ds = CacheDataset(
         patho,
-        Compose(pre + list(pathological_patch_transforms(patch_size, pos_ratio).transforms) + [_as_plain]),
+        Compose(
+            pre
+            + [
+                FgBgToIndicesd(keys="label", image_key="brainmask", image_threshold=0),
+                Lambdad(keys=("label_fg_indices", "label_bg_indices"), func=_to_numpy),
+            ]
+            + list(pathological_patch_transforms(patch_size, pos_ratio, indices=True).transforms)
+            + [_as_plain]
+        ),
         cache_rate=cache_rate,
         num_workers=num_workers,
+        copy_cache=False,  # the random steps never modify the cached volumes in place
         progress=False,
     )
     return CycleGANPatchDataset(h_ds, p_ds, length=length, seed=seed)
@@ -204,16 +247,14 @@ def validation_patches(
     healthy, patho = load_groups(datalist, split)
     pre = _preprocessing(healthy + patho)
     h_rand = healthy_patch_transforms(bank, patch_size, n_lesions)
-    p_rand = pathological_patch_transforms(patch_size, pos_ratio=1.0)
-    p_rand.transforms[0].neg = 0.0  # validation: lesion-centred only
-    p_rand.transforms[0].pos_ratio = 1.0
+    p_rand = Compose([_crop(patch_size, pos=1.0, neg=0.0)])  # validation: lesion-centred only
     h_rand.set_random_state(seed)
     p_rand.set_random_state(seed + 1)
     h_patches, p_patches = [], []
     for item in healthy:
         vol = pre(dict(item))
         for _ in range(patches_per_volume):
-            h_patches.append(_as_plain(_first(h_rand(dict(vol)))))
+            h_patches.append(_as_plain(_first(h_rand(dict(vol)))))  # a fresh mask per patch
     for item in patho:
         vol = pre(dict(item))
         for _ in range(patches_per_volume):

@@ -63,7 +63,8 @@ def main() -> None:
     bundle = Path(args.bundle_dir)
     cfg = yaml.safe_load((bundle / "configs" / "train.yaml").read_text())
     gen = lambda: CMBGenerator(  # noqa: E731
-        channels=cfg["g_channels"], n_res_blocks=cfg["g_res_blocks"], stem_kernel=cfg["g_stem_kernel"], output=cfg["g_output"]
+        channels=cfg["g_channels"], n_res_blocks=cfg["g_res_blocks"], stem_kernel=cfg["g_stem_kernel"],
+        output=cfg["g_output"], norm=cfg.get("g_norm", "instance"),
     )
     G_HP = load_network_weights(gen(), bundle / "models" / "G_HP.pt")
     G_PH = load_network_weights(gen(), bundle / "models" / "G_PH.pt")
