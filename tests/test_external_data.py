@@ -243,6 +243,18 @@ def test_dicom_series_from_phantom(subject, tmp_path):
     with pytest.raises(ValueError, match="refusing to write over an input"):
         external.write_like(can.array, can, folder)
 
+    # the command line: DICOM series -> canonical NIfTI for the bundles, and a result back to the series' grid
+    nifti = tmp_path / "series1_ras.nii.gz"
+    assert external.main(["to-canonical", str(folder), str(nifti)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(nifti)).dataobj), can.array)
+    result = tmp_path / "series1_result.nii.gz"
+    nib.save(nib.Nifti1Image((can.array > 1500).astype(np.uint8), nib.load(str(nifti)).affine), str(result))
+    back = tmp_path / "series1_result_native.nii.gz"
+    assert external.main(["back", str(result), str(folder), str(back)]) == 0
+    np.testing.assert_array_equal(np.asarray(nib.load(str(back)).dataobj), expected.astype(np.uint8))
+    assert external.main(["back", str(result), str(folder), str(back)]) == 1  # exists: kept unless --overwrite
+    assert external.main(["to-canonical", str(nifti), str(nifti), "--overwrite"]) == 1  # never over the input
+
 
 def _nifti(arr: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:
     nib.save(nib.Nifti1Image(arr, like.affine), str(path))
