@@ -114,6 +114,14 @@ def test_multi_gpu_config_gates_every_writer_to_rank0(configs):
         p["train#dataloader#batch_size"] == "@per_rank_batch_size"
     )
     assert "init_process_group" in p["initialize"][0] and "destroy_process_group" in p["finalize"][0]
+    # device from LOCAL_RANK: cuda:<local rank> with nccl, cpu with the gloo override
+    for backend, expected in (("nccl", torch.device("cuda:1")), ("gloo", torch.device("cpu"))):
+        q = ConfigParser()
+        q.read_config([str(configs / "train.yaml"), str(configs / "multi_gpu_train.yaml")])
+        q["imports"] = ["$import os", "$import torch"]
+        q["backend"], q["local_rank"] = backend, 1
+        assert q.get_parsed_content("device") == expected
+        assert q.get_parsed_content("ddp_device_ids") == ([expected] if backend == "nccl" else None)
 
 
 @pytest.mark.e2e
@@ -168,7 +176,6 @@ class DumpRank:
 '''
 
 TINY_DDP = """
-device: "$torch.device('cpu')"
 backend: gloo
 patch_size: [32, 32, 16]
 batch_size: 2
@@ -227,7 +234,6 @@ def test_torchrun_synthesis_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
 
 
 TINY_DDP_DETECTION = """
-device: "$torch.device('cpu')"
 backend: gloo
 batch_size: 4
 epoch_length: 2
