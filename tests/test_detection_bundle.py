@@ -1,0 +1,169 @@
+"""The cmb_detection bundle end to end in a tiny configuration: train (real+synthetic, cDA), evaluate, infer
+on external scans (one of them bad), metadata."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "cmb_detection" / "configs"
+NET = dict(device="cpu", channels=[4, 8], strides=[2, 2], num_res_units=1, patch_size=[24, 24, 16])
+TINY_TRAIN = dict(batch_size=8, epoch_length=3, max_epochs=2, val_interval=1)
+
+
+def _run(key: str, config: str, bundle_root: Path, **overrides) -> None:
+    from monai.bundle import run
+
+    run(key, config_file=str(CONFIGS / config), bundle_root=str(bundle_root), **{**NET, **overrides})
+
+
+@pytest.fixture(scope="module")
+def synthetic_dir(tiny_cohort, tmp_path_factory):
+    """A stand-in for the synthesis output: copies of two real pathological training scans, renamed as
+    ``<id>_synthetic.nii.gz`` / ``<id>_synthetic_cmb.nii.gz`` with a decathlon ``training`` list."""
+    from monai.data import load_decathlon_datalist
+
+    out = tmp_path_factory.mktemp("copied_scans_as_synthetic")
+    items = [it for it in load_decathlon_datalist(tiny_cohort, True, "training") if it["group"] == "pathological"][:2]
+    listed = []
+    for it in items:
+        sid = f"{it['id']}_copy"
+        shutil.copy(it["image"], out / f"{sid}_synthetic.nii.gz")
+        shutil.copy(it["label"], out / f"{sid}_synthetic_cmb.nii.gz")
+        shutil.copy(it["brainmask"], out / f"{sid}_brainmask.nii.gz")
+        listed.append({"id": sid, "image": f"{sid}_synthetic.nii.gz", "label": f"{sid}_synthetic_cmb.nii.gz",
+                       "brainmask": f"{sid}_brainmask.nii.gz", "group": "pathological"})
+    (out / "datalist.json").write_text(json.dumps({"training": listed}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_cohort, synthetic_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("detection_bundle")
+    _run("training", "train.yaml", root, datalist=tiny_cohort, training_data="real+synthetic",
+         synthetic_dir=str(synthetic_dir), cda="true", **TINY_TRAIN)
+    return root
+
+
+@pytest.mark.e2e
+def test_training_mixes_real_and_synthetic_and_writes_checkpoints(trained):
+    models = trained / "models"
+    names = {p.name for p in models.iterdir()}
+    assert {"model.pt", "checkpoint_iteration=6.pt", "train_metrics.json"} <= names
+    state = torch.load(models / "model.pt", weights_only=True)  # best model: a plain state dict
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    ckpt = torch.load(models / "checkpoint_iteration=6.pt", weights_only=True)
+    assert {"network", "optimizer", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 6
+    m = json.loads((models / "train_metrics.json").read_text())
+    assert 0.0 <= m["metrics"]["val_cpm"] <= 1.0
+    # val_auc is logged too; MetricsJSONWriter keeps only Python floats (MONAI returns numpy.float32 on ties)
+    assert all(0.0 <= h["metrics"].get("val_auc", 0.5) <= 1.0 for h in m["history"])
+    assert len(m["history"]) == 2 and m["training_data"] == "real+synthetic" and m["cda"] == "true"
+    # tiny cohort: 3 pathological + 2 healthy real scans, plus 2 synthetic (all of them: fewer than 3)
+    ids = m["training_scans"]
+    assert len(ids) == 7 and sum(i.endswith("_copy") for i in ids) == 2
+    tc = m["training_candidates"]
+    assert tc["n_scans"] == 7 and 0 < tc["n_positive"] < tc["n_candidates"]
+    assert any((trained / "runs").iterdir())  # TensorBoard events
+    assert list((trained / "data" / "candidate_cache").glob("*.npz"))
+
+
+@pytest.mark.e2e
+def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort):
+    out = trained / "eval_out"
+    _run("evaluating", "evaluate.yaml", trained, datalist=tiny_cohort, output_dir=str(out), n_bootstrap=50)
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["sensitivity_at_fp"]) == {"1", "2", "4", "8", "10", "20"}
+    for k, (lo, hi) in m["sensitivity_at_fp_ci95"].items():
+        assert 0.0 <= lo <= hi <= 1.0
+    assert m["n_scans"] == 2 and m["n_lesions"] > 0 and 0.0 <= m["cpm"] <= 1.0
+    assert "value" in m["fp_per_scan_at_sensitivity_90"] and "ci95" in m["fp_per_scan_at_sensitivity_90"]
+    assert 0.0 < m["candidate_stage"]["candidate_sensitivity"] <= 1.0
+    with open(out / "froc.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"threshold", "fp_per_scan", "sensitivity"} <= set(rows[0])
+    fps = [float(r["fp_per_scan"]) for r in rows]
+    assert fps == sorted(fps)
+    assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # candidates.csv is evaluable on its own against the datalist and gives the same numbers
+    from cmb_synthesis.froc import evaluate_csv
+
+    again = evaluate_csv(out / "candidates.csv", tiny_cohort, "test", n_bootstrap=50)
+    assert again["sensitivity_at_fp"] == m["sensitivity_at_fp"] and again["cpm"] == pytest.approx(m["cpm"])
+
+
+@pytest.mark.e2e
+def test_inference_writes_outputs_in_the_input_space_and_reports_a_bad_scan(trained, tiny_cohort, tmp_path):
+    from monai.data import load_decathlon_datalist
+
+    from cmb_synthesis.detection import BatchInferenceError
+
+    item = load_decathlon_datalist(tiny_cohort, True, "test")[0]
+    ext = tmp_path / "external"
+    ext.mkdir()
+    # a scan stored LPI (x and z flipped) with its mask beside it, and one without a mask (estimated)
+    img = nib.load(item["image"])
+    flip = nib.orientations.axcodes2ornt(("L", "A", "I"))
+    nib.save(img.as_reoriented(flip), str(ext / "ext1_swi.nii.gz"))
+    nib.save(nib.load(item["brainmask"]).as_reoriented(flip), str(ext / "ext1_brainmask.nii.gz"))
+    shutil.copy(item["image"], ext / "ext2.nii.gz")
+    (ext / "broken_swi.nii.gz").write_bytes(b"not a nifti file")
+    out = tmp_path / "out"
+    with pytest.raises(Exception) as info:  # MONAI's config evaluation wraps it in a RuntimeError
+        _run("inference", "inference.yaml", trained, dataset_dir=str(ext), output_dir=str(out))
+    err = info.value
+    while not isinstance(err, BatchInferenceError) and err.__cause__ is not None:
+        err = err.__cause__
+    assert isinstance(err, BatchInferenceError) and "1 of 3 scans failed" in str(err) and "broken_swi" in str(err)
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert [Path(f["image"]).name for f in summary["failed"]] == ["broken_swi.nii.gz"]
+    assert {p["id"]: p["mask"] for p in summary["processed"]} == {"ext1": "file", "ext2": "estimated"}
+    ref = nib.load(str(ext / "ext1_swi.nii.gz"))
+    prob = nib.load(str(out / "ext1_cmb_prob.nii.gz"))
+    assert prob.shape == ref.shape and np.allclose(prob.affine, ref.affine)
+    pdata = np.asarray(prob.dataobj)
+    assert pdata.dtype == np.float32 and 0.0 <= pdata.min() and pdata.max() <= 1.0 and pdata.max() > 0
+    with open(out / "candidates.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["image"] == "ext1_swi.nii.gz"]
+    assert rows
+    for r in rows[:20]:
+        ijk = [int(r["i"]), int(r["j"]), int(r["k"])]
+        world = nib.affines.apply_affine(ref.affine, ijk)
+        np.testing.assert_allclose(world, [float(r["x"]), float(r["y"]), float(r["z"])], atol=1e-3)
+        assert pdata[tuple(ijk)] == pytest.approx(float(r["probability"]), abs=1e-6) or pdata[tuple(ijk)] >= float(
+            r["probability"])
+    assert (out / "ext2_cmb_prob.nii.gz").is_file()
+    assert not (out / "broken_cmb_prob.nii.gz").exists()
+
+
+@pytest.mark.e2e
+def test_batch_inference_exits_non_zero_from_the_command_line(trained, tmp_path):
+    ext = tmp_path / "only_bad"
+    ext.mkdir()
+    (ext / "bad_swi.nii.gz").write_bytes(b"garbage")
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "inference", "--config_file", str(CONFIGS / "inference.yaml"),
+           "--bundle_root", str(trained), "--dataset_dir", str(ext), "--output_dir", str(tmp_path / "o")]
+    for k, v in NET.items():
+        cmd += [f"--{k}", json.dumps(v) if isinstance(v, list) else str(v)]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0
+    assert "1 of 1 scans failed" in res.stderr + res.stdout and "bad_swi.nii.gz" in res.stderr + res.stdout
+
+
+def test_metadata_verifies():
+    schema = Path("/work/shared/monai/meta_schema_20240725.json")
+    if not schema.is_file():
+        pytest.skip("meta schema not available offline")
+    from monai.bundle import verify_metadata
+
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
