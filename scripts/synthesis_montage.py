@@ -59,6 +59,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--n_lesions", type=int, default=None)
     ap.add_argument("--output", default=None)
+    ap.add_argument("--ckpt", default=None, help="a checkpoint_iteration=N.pt to use instead of models/G_HP.pt, G_PH.pt")
     args = ap.parse_args()
     bundle = Path(args.bundle_dir)
     cfg = yaml.safe_load((bundle / "configs" / "train.yaml").read_text())
@@ -66,8 +67,12 @@ def main() -> None:
         channels=cfg["g_channels"], n_res_blocks=cfg["g_res_blocks"], stem_kernel=cfg["g_stem_kernel"],
         output=cfg["g_output"], norm=cfg.get("g_norm", "instance"),
     )
-    G_HP = load_network_weights(gen(), bundle / "models" / "G_HP.pt")
-    G_PH = load_network_weights(gen(), bundle / "models" / "G_PH.pt")
+    if args.ckpt:
+        G_HP = load_network_weights(gen(), args.ckpt, key="G_HP")
+        G_PH = load_network_weights(gen(), args.ckpt, key="G_PH")
+    else:
+        G_HP = load_network_weights(gen(), bundle / "models" / "G_HP.pt")
+        G_PH = load_network_weights(gen(), bundle / "models" / "G_PH.pt")
     datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
     import json
 
@@ -100,7 +105,10 @@ def main() -> None:
         _show(axes[row, 3], a, "close-up: input", box, close=True)
         _show(axes[row, 4], a, "close-up: mask", box, mask=m, close=True)
         _show(axes[row, 5], o, "close-up: output", box, close=True)
-    fig.suptitle(f"cmb_synthesis: {healthy.id} (top), {patho.id} (bottom); red = mask, yellow = close-up", fontsize=9)
+    src = Path(args.ckpt).name if args.ckpt else "models/G_HP.pt, G_PH.pt"
+    fig.suptitle(
+        f"cmb_synthesis ({src}): {healthy.id} (top), {patho.id} (bottom); red = mask, yellow = close-up", fontsize=9
+    )
     fig.tight_layout()
     out_path = Path(args.output or bundle / "docs" / "synthesis_montage.png")
     with atomic_output(out_path) as tmp:
