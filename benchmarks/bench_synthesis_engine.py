@@ -1,9 +1,11 @@
 """Engine overhead of CycleGANTrainer: one CPU-preset training iteration through the MONAI/Ignite engine vs
 the same iteration written as a bare PyTorch loop (same networks, same batch, same losses).
 
-CPU preset: batch 4 of 64x64x16 patches, generators with 8 channels / 2 residual blocks / 3^3 stem, critics
-with 8 channels / 2 layers, n_critic 2. Both variants run on identical pre-built batches (no data loading),
-interleaved in rounds so machine load affects both alike; the median per-iteration time is reported.
+CPU preset (configs/train.yaml): batch 4 of 32x32x16 patches, generators with 8 channels / 2 residual blocks /
+3^3 stem / no norm, critics with 8 channels / 2 layers, n_critic 3. Paper preset (configs/paper.yaml) with
+--preset paper (a GPU run). Both variants run on identical pre-built batches (no data loading),
+interleaved in rounds so machine load affects both alike; median and minimum per-iteration times and the
+process CPU time per iteration are reported (on a shared machine the minimum and CPU time are the stable ones).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_synthesis_engine.py [--iters 10] [--rounds 3] [--preset cpu|paper]
         [--device cuda] [--amp]
@@ -25,15 +27,15 @@ from cmb_synthesis.losses import CriticObjective, GeneratorObjective
 from cmb_synthesis.networks import CMBCritic, CMBGenerator
 
 PRESETS = {
-    "cpu": dict(patch=(64, 64, 16), batch=4, g=(8, 2, 3), d=(8, 2), n_critic=2),
-    "paper": dict(patch=(160, 146, 32), batch=4, g=(32, 6, 7), d=(64, 3), n_critic=5),
+    "cpu": dict(patch=(32, 32, 16), batch=4, g=(8, 2, 3), d=(8, 2), n_critic=3, norm=None),
+    "paper": dict(patch=(160, 146, 32), batch=4, g=(32, 6, 7), d=(64, 3), n_critic=5, norm="instance"),
 }
 
 
 def make(preset: dict, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     c, r, k = preset["g"]
-    nets = [CMBGenerator(channels=c, n_res_blocks=r, stem_kernel=k).to(device) for _ in range(2)]
+    nets = [CMBGenerator(channels=c, n_res_blocks=r, stem_kernel=k, norm=preset["norm"]).to(device) for _ in range(2)]
     nets += [CMBCritic(channels=preset["d"][0], num_layers_d=preset["d"][1]).to(device) for _ in range(2)]
     go = torch.optim.Adam(list(nets[0].parameters()) + list(nets[1].parameters()), 1e-4, betas=(0.5, 0.99))
     do = torch.optim.Adam(list(nets[2].parameters()) + list(nets[3].parameters()), 1e-4, betas=(0.5, 0.99))
@@ -113,16 +115,25 @@ def main() -> None:
     device, preset = torch.device(args.device), PRESETS[args.preset]
     data = batch(preset, device)
     bare_loop(preset, device, data, 2, args.amp), engine_loop(preset, device, data, 2, args.amp)  # warm-up
-    bare, eng = [], []
+    bare, eng, cpu_b, cpu_e = [], [], 0.0, 0.0
     for _ in range(args.rounds):
+        t = time.process_time()
         bare += bare_loop(preset, device, data, args.iters, args.amp)
+        cpu_b += time.process_time() - t
+        t = time.process_time()
         eng += engine_loop(preset, device, data, args.iters, args.amp)
+        cpu_e += time.process_time() - t
     mb, me = statistics.median(bare), statistics.median(eng)
+    cb, ce = cpu_b / len(bare), cpu_e / len(eng)
     print(f"preset={args.preset} device={device} amp={args.amp} threads={torch.get_num_threads()} "
           f"iterations={len(bare)} per variant")
     print(f"bare PyTorch loop : median {mb * 1000:.1f} ms/iteration (min {min(bare) * 1000:.1f})")
     print(f"CycleGANTrainer   : median {me * 1000:.1f} ms/iteration (min {min(eng) * 1000:.1f})")
-    print(f"engine overhead   : {100 * (me - mb) / mb:+.2f} % (median), {100 * (min(eng) - min(bare)) / min(bare):+.2f} % (min)")
+    print(f"CPU time/iteration: bare {cb * 1000:.1f} ms, engine {ce * 1000:.1f} ms")
+    print(
+        f"engine overhead   : {100 * (me - mb) / mb:+.2f} % (median), {100 * (min(eng) - min(bare)) / min(bare):+.2f} % (min), "
+        f"{100 * (ce - cb) / cb:+.2f} % (CPU time)"
+    )
     if device.type == "cuda":
         print(f"peak GPU memory   : {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
 

@@ -70,7 +70,8 @@ class CMBGenerator(nn.Module):
         norm: ``"instance"`` (default, as Xia et al.), ``"group"`` or ``None``. Instance statistics depend on the
             field of view: train and infer at the same patch size (the paper preset), or use ``None`` when
             training on small crops and inferring on whole axial planes (the CPU preset).
-        output: ``"residual"`` (default): ``clamp(x + tanh(h), 0, 1)``; the head starts at zero so an untrained
+        output: ``"residual"`` (default): ``clamp(x + tanh(h), 0, 1)`` (straight-through gradient of the clamp);
+            the head starts at zero so an untrained
             generator is the identity and learning concentrates on the change (what CMB painting and removal
             are). ``"sigmoid"``: ``sigmoid(h)``, a free image as in Xia et al. Both give values in [0, 1].
 
@@ -132,7 +133,10 @@ class CMBGenerator(nn.Module):
         u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
         h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
         if self.output == "residual":
-            return (image + torch.tanh(h)).clamp(0.0, 1.0)
+            out = image + torch.tanh(h)
+            # clamp to [0, 1] in the forward pass only (straight-through): a hard clamp has zero gradient where
+            # it bites, so an output pushed out of range could never be pulled back by the L1 terms
+            return out + (out.clamp(0.0, 1.0) - out).detach()
         return torch.sigmoid(h)
 
 
