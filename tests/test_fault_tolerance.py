@@ -1,9 +1,10 @@
-"""Fault tolerance: a training run killed with SIGKILL mid-epoch and resumed ends where an uninterrupted run ends.
+"""Fault tolerance: training killed with SIGKILL mid-epoch and resumed ends where an uninterrupted run ends;
+batch inference writes atomically, skips existing outputs unless asked, never writes over inputs.
 
-The runs are real ``python -m monai.bundle run training`` subprocesses of a tiny MONAI bundle config (random
-flips/noise, shuffling, Adam, a CheckpointSaver every epoch) with :class:`cmb_synthesis.resume.EpochReseed`
-and :class:`cmb_synthesis.resume.ResumeFromLatest` attached; the parent kills the run with SIGKILL in the
-middle of an epoch.
+The SIGKILL test runs the synthesis bundle (``python -m monai.bundle run training`` subprocesses, tiny
+configuration, ``EpochReseed`` added by the override) and kills it in the middle of an epoch;
+:class:`cmb_synthesis.resume.ResumeFromLatest` and :class:`~cmb_synthesis.resume.EpochReseed` are also checked
+in-process on a generic MONAI trainer config.
 """
 
 from __future__ import annotations
@@ -92,34 +93,45 @@ def _env(tmp: Path) -> dict:
     return dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{tmp}{os.pathsep}{REPO}")
 
 
-def _cmd(cfg: Path, run_dir: Path, **overrides) -> list[str]:
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(cfg), "--run_dir", str(run_dir)]
-    for k, v in overrides.items():
-        cmd += [f"--{k}", str(v)]
-    return cmd
-
-
-@pytest.fixture(scope="module")
-def tiny_bundle(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("ft")
-    (tmp / "killpoint.py").write_text(KILLPOINT)
-    (tmp / "train.yaml").write_text(TINY_BUNDLE)
-    return tmp
+SYN_TRAIN = REPO / "bundles" / "cmb_synthesis" / "configs" / "train.yaml"
+TINY_SYNTHESIS = """
+device: "$torch.device('cpu')"
+patch_size: [32, 32, 16]
+batch_size: 2
+epoch_length: 2
+max_epochs: 3
+val_interval: 100
+image_interval: 100
+g_channels: 2
+g_res_blocks: 1
+d_channels: 2
+n_critic: 1
+kill_epoch: 0
++imports: ["$import killpoint", "$import cmb_synthesis.resume"]
++train#handlers:
+  - {_target_: cmb_synthesis.resume.EpochReseed, seed: "@seed"}
+  - {_target_: killpoint.KillPoint, marker: "$@bundle_root + '/killed_here'", epoch: "@kill_epoch", iteration_in_epoch: 1}
+"""
 
 
 @pytest.mark.e2e
-def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_bundle):
-    tmp, cfg = tiny_bundle, tiny_bundle / "train.yaml"
-    env = _env(tmp)
-    ref_dir, run_dir = tmp / "uninterrupted", tmp / "killed"
-    ref = subprocess.Popen(_cmd(cfg, ref_dir), env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_path):
+    """The synthesis bundle, killed with SIGKILL in epoch 3 of 3 and resumed with --resume true, ends with
+    exactly the weights of an uninterrupted run; the epoch-2 checkpoint is there (at most one epoch lost)."""
+    (tmp_path / "killpoint.py").write_text(KILLPOINT)
+    (tmp_path / "tiny.yaml").write_text(TINY_SYNTHESIS)
+    files = repr([str(SYN_TRAIN), str(tmp_path / "tiny.yaml")])
 
-    # run 1: SIGKILL in the middle of epoch 3 (iteration 2 of 3)
+    def cmd(root: Path, *extra: str) -> list[str]:
+        return [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", files,
+                "--bundle_root", str(root), "--datalist", tiny_cohort, *extra]  # fmt: skip
+
+    env, ref_dir, run_dir = _env(tmp_path), tmp_path / "uninterrupted", tmp_path / "killed"
+    ref = subprocess.Popen(cmd(ref_dir), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     proc = subprocess.Popen(
-        _cmd(cfg, run_dir, kill_epoch=3), env=env, cwd=tmp, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        cmd(run_dir, "--kill_epoch", "3"), env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )
-    marker = run_dir / "killed_here"
-    deadline = time.time() + 120
+    marker, deadline = run_dir / "killed_here", time.time() + 300
     while not marker.exists():
         assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
         assert time.time() < deadline, "training never reached the kill point"
@@ -128,28 +140,44 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_bundle):
     proc.wait()
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
-    assert not (run_dir / "final.pt").exists()
-    # at most one epoch lost: the checkpoint of epoch 2 (the one before the killed epoch) is there and complete
-    latest = find_latest_checkpoint(run_dir / "models")
-    assert latest is not None and latest.endswith("checkpoint_epoch=2.pt")
-    assert torch.load(latest, weights_only=True)["trainer"]["iteration"] == 2 * 3  # 6 samples, batch 2
+    assert not (run_dir / "models" / "G_HP.pt").exists()  # written only when training completes
+    latest = find_latest_checkpoint(run_dir / "models", pattern="checkpoint_iteration=*.pt")
+    assert latest is not None and latest.endswith("checkpoint_iteration=4.pt")  # end of epoch 2
 
-    # run 2: the same command resumes from epoch 2 and finishes
-    out = subprocess.run(_cmd(cfg, run_dir), env=env, cwd=tmp, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd(run_dir, "--resume", "true"), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    assert (run_dir / "resumed_from.txt").read_text() == latest
+    assert "Restored all variables from" in out.stdout + out.stderr and "checkpoint_iteration=4.pt" in out.stdout + out.stderr
     ref_out = ref.communicate(timeout=300)[0].decode()
     assert ref.returncode == 0, ref_out[-3000:]
+    for name in ("G_HP", "G_PH", "D_P", "D_H"):
+        a = torch.load(ref_dir / "models" / f"{name}.pt", weights_only=True)
+        b = torch.load(run_dir / "models" / f"{name}.pt", weights_only=True)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
+    start = torch.load(latest, weights_only=True)["G_HP"]
+    final = torch.load(run_dir / "models" / "G_HP.pt", weights_only=True)
+    assert any(not torch.equal(start[k], final[k]) for k in start)  # the resumed run did train epoch 3
 
-    assert (ref_dir / "resumed_from.txt").read_text() == "None"
-    final_ref = torch.load(ref_dir / "final.pt", weights_only=True)
-    final_resumed = torch.load(run_dir / "final.pt", weights_only=True)
-    assert torch.load(find_latest_checkpoint(ref_dir / "models"), weights_only=True)["trainer"]["iteration"] == 12
-    for k in final_ref:
-        torch.testing.assert_close(final_resumed[k], final_ref[k], rtol=0, atol=0)
-    # and the resumed run really trained (weights differ from the epoch-2 checkpoint it started from)
-    start = torch.load(latest, weights_only=True)["network"]
-    assert any(not torch.equal(start[k], final_resumed[k]) for k in start)
+
+def test_resume_from_latest_matches_uninterrupted(tmp_path):
+    """ResumeFromLatest + EpochReseed on a generic MONAI trainer: 2 epochs, then a new run to 4 epochs that
+    resumes from the newest checkpoint, equals 4 uninterrupted epochs (shuffling, random flips/noise, dropout)."""
+    from monai.bundle import run
+
+    (tmp_path / "killpoint.py").write_text(KILLPOINT)
+    (tmp_path / "train.yaml").write_text(TINY_BUNDLE)
+    sys.path.insert(0, str(tmp_path))
+    try:
+        for run_dir, epochs in (("full", 4), ("part", 2), ("part", 4)):
+            run("run", config_file=str(tmp_path / "train.yaml"), run_dir=str(tmp_path / run_dir), max_epochs=epochs)
+    finally:
+        sys.path.remove(str(tmp_path))
+    assert (tmp_path / "part" / "resumed_from.txt").read_text().endswith("checkpoint_epoch=2.pt")
+    assert (tmp_path / "full" / "resumed_from.txt").read_text() == "None"
+    full = torch.load(tmp_path / "full" / "final.pt", weights_only=True)
+    part = torch.load(tmp_path / "part" / "final.pt", weights_only=True)
+    for k in full:
+        torch.testing.assert_close(part[k], full[k], rtol=0, atol=0)
 
 
 def test_without_reseed_a_resumed_run_diverges():
