@@ -133,3 +133,27 @@ def test_missing_listed_file_and_cli_module(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "1 file(s) verified" in out.stdout
+
+
+def test_bundle_inference_refuses_tampered_released_weights(tmp_path):
+    """Both bundles' inference load weights through this module: a listed file with a wrong sha256 is refused."""
+    from cmb_synthesis.classifier import build_classifier
+    from cmb_synthesis.detection import load_classifier
+    from cmb_synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis_infer import run_inference
+
+    b = tmp_path / "bundle"
+    (b / "models").mkdir(parents=True)
+    G = CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3)
+    clf = build_classifier("classifier", patch_size=(32, 32, 16), channels=(4, 8), strides=(2, 2), num_res_units=1)
+    torch.save(G.state_dict(), b / "models" / "G_HP.pt")
+    torch.save(clf.state_dict(), b / "models" / "model.pt")
+    weights.update_large_files(b)
+    load_classifier(clf, b / "models" / "model.pt")  # untouched: loads
+    for name, sd in (("G_HP.pt", G.state_dict()), ("model.pt", clf.state_dict())):
+        k = next(iter(sd))
+        torch.save({**sd, k: sd[k] + 1e-3}, b / "models" / name)
+    with pytest.raises(weights.WeightsHashError, match="G_HP.pt: sha256 mismatch"):
+        run_inference(tmp_path, tmp_path / "out", G_HP=G, ckpt_dir=b / "models")
+    with pytest.raises(weights.WeightsHashError, match="model.pt: sha256 mismatch"):
+        load_classifier(clf, b / "models" / "model.pt")
