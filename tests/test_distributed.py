@@ -175,7 +175,7 @@ def test_torchrun_synthesis_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
     cmd += ["--bundle_root", str(root), "--datalist", tiny_cohort, "--dataset_dir", str(Path(tiny_cohort).parent)]
     env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
 
     d0 = torch.load(root / "dump_rank0.pt", weights_only=True)
@@ -254,7 +254,7 @@ def test_torchrun_detection_training_on_two_gloo_ranks(tiny_cohort, tmp_path):
     cmd += ["-m", "monai.bundle", "run", "training", "--config_file", repr(files)]
     cmd += ["--bundle_root", str(root), "--datalist", tiny_cohort, "--dataset_dir", str(Path(tiny_cohort).parent)]
     env = dict(_env(), PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}")
-    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    res = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=400)
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     d0 = torch.load(root / "dump_rank0.pt", weights_only=True)
     d1 = torch.load(root / "dump_rank1.pt", weights_only=True)

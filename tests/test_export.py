@@ -98,7 +98,7 @@ def test_ckpt_export_cli_generator(tmp_path):
         "--meta_file", str(meta), "--config_file", str(config), "--use_trace", "True",
         "--input_shape", str(_input_shape("cmb_synthesis")),
     ]  # fmt: skip
-    res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, text=True, timeout=300)
+    res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     extra = {"metadata.json": "", "inference.json": ""}
     ts = torch.jit.load(str(tmp_path / "G_HP.ts"), _extra_files=extra)

@@ -133,7 +133,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_pa
     )
     marker, deadline = run_dir / "killed_here", time.time() + 300
     while not marker.exists():
-        assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+        assert proc.poll() is None, proc.stdout.read().decode("utf-8", "replace")[-3000:]
         assert time.time() < deadline, "training never reached the kill point"
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
@@ -144,10 +144,10 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_pa
     latest = find_latest_checkpoint(run_dir / "models", pattern="checkpoint_iteration=*.pt")
     assert latest is not None and latest.endswith("checkpoint_iteration=4.pt")  # end of epoch 2
 
-    out = subprocess.run(cmd(run_dir, "--resume", "true"), env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd(run_dir, "--resume", "true"), env=env, cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Restored all variables from" in out.stdout + out.stderr and "checkpoint_iteration=4.pt" in out.stdout + out.stderr
-    ref_out = ref.communicate(timeout=300)[0].decode()
+    ref_out = ref.communicate(timeout=300)[0].decode("utf-8", "replace")
     assert ref.returncode == 0, ref_out[-3000:]
     for name in ("G_HP", "G_PH", "D_P", "D_H"):
         a = torch.load(ref_dir / "models" / f"{name}.pt", weights_only=True)
@@ -311,7 +311,7 @@ def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_p
     proc = subprocess.run(
         [sys.executable, str(tmp_path / "die.py"), str(src), str(out)], env=_env(tmp_path), capture_output=True, timeout=300
     )
-    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-3000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode("utf-8", "replace")[-3000:]
     # the half-written image never appears under its final name
     assert not (out / "s1_synthetic.nii.gz").exists()
     assert not (out / "inference_summary.json").exists()

@@ -128,7 +128,8 @@ def test_missing_listed_file_and_cli_module(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "cmb_synthesis.weights", "--bundle_dir", str(b), "--missing_ok"],
         capture_output=True,
-        text=True,
+        encoding="utf-8",
+        errors="replace",
         cwd=Path(__file__).resolve().parents[1],
     )
     assert out.returncode == 0, out.stderr
