@@ -8,7 +8,7 @@ Paper symbols (the objects are created by the bundle config under these names):
 
 The generator follows Xia et al. 2020 (the paper's reference [15]) with every layer 3-D: a convolutional stem,
 two stride-2 downsamplings, residual blocks at 1/4 resolution, two transposed-convolution upsamplings with
-skip connections (concatenation) from the encoder, and a 1-channel head. Inputs of any size are padded inside
+skip connections (concatenation) from the encoder (trilinear upsampling + convolution), and a 1-channel head. Inputs of any size are padded inside
 to a multiple of 4 and the output is cropped back, so the paper's 160 x 146 x 32 patches work.
 """
 
@@ -102,9 +102,10 @@ class CMBGenerator(nn.Module):
         self.down1 = _conv_block(c1, c2, 3, 2, norm)
         self.down2 = _conv_block(c2, c3, 3, 2, norm)
         self.res = nn.Sequential(*[ResidualBlock3d(c3, norm) for _ in range(n_res_blocks)])
-        self.up1 = nn.ConvTranspose3d(c3, c2, 2, stride=2)
+        # trilinear upsampling + 3^3 convolution (a stride-2 transposed convolution painted checkerboards)
+        self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear"), nn.Conv3d(c3, c2, 3, padding=1, padding_mode="replicate"))
         self.fuse1 = _conv_block(2 * c2, c2, 3, 1, norm)
-        self.up2 = nn.ConvTranspose3d(c2, c1, 2, stride=2)
+        self.up2 = nn.Sequential(nn.Upsample(scale_factor=2, mode="trilinear"), nn.Conv3d(c2, c1, 3, padding=1, padding_mode="replicate"))
         self.fuse2 = _conv_block(2 * c1, c1, 3, 1, norm)
         self.head = nn.Conv3d(c1, out_channels, 1)
         if output == "residual":
