@@ -735,19 +735,21 @@ def run_inference(
     batch_size: int = 128,
     device: Any = "cpu",
     prob_radius_mm: float = 1.5,
-    overwrite: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Detect CMBs on every SWI in ``dataset_dir`` (NIfTI files or DICOM series folders).
 
     Per scan ``<id>`` (``<id>_swi.nii.gz`` -> ``<id>``): brain mask ``<id>_brainmask.nii.gz`` beside it when
     present, else :func:`estimate_brainmask`; writes ``<id>_cmb_prob.nii.gz`` (float32 candidate
-    probabilities on balls of ``prob_radius_mm``, in the input's voxel grid, affine and header) atomically.
-    After all scans: ``candidates.csv`` (all successful scans) and ``inference_summary.json``. A bad scan is
+    probabilities on balls of ``prob_radius_mm``, in the input's voxel grid, affine and header) and
+    ``<id>_candidates.csv`` (that scan's rows), each atomically. A scan whose two outputs already exist is
+    skipped (its rows are read back) unless ``overwrite``. After all scans: ``candidates.csv`` (all
+    successful scans) and ``inference_summary.json`` (``processed``, ``skipped``, ``failed``). A bad scan is
     logged and skipped; if any failed, :class:`BatchInferenceError` is raised at the end with a summary
     (non-zero exit of ``monai.bundle run``).
     """
     from cmb_synthesis.external import write_like
-    from cmb_synthesis.froc import write_candidates_csv
+    from cmb_synthesis.froc import read_candidates_csv, write_candidates_csv
     from cmb_synthesis.io import write_json
 
     inputs = find_inputs(dataset_dir)
@@ -758,17 +760,25 @@ def run_inference(
     if out.resolve() == Path(dataset_dir).resolve():
         raise ValueError(f"{out}: output folder must differ from the input folder")
     rows: list[dict[str, Any]] = []
-    done, failures = [], []
+    done, skipped, failures = [], [], []
     for path in inputs:
         try:
+            sid = scan_id_of(path)
+            prob_path, rows_path = out / f"{sid}_cmb_prob.nii.gz", out / f"{sid}_candidates.csv"
+            if not overwrite and prob_path.exists() and rows_path.exists():
+                rows += read_candidates_csv(rows_path)
+                skipped.append({"image": str(path), "id": sid, "probability_map": str(prob_path)})
+                logger.info("%s: outputs exist, skipped (use --overwrite true to replace)", path.name)
+                continue
             mask = find_brainmask(path) if path.is_file() else None
-            scan = load_scan(path, mask)
+            scan = load_scan(path, mask, scan_id=sid)
             coords, probs, _ = detect_scan(network, scan, patch_size, frst, cache_dir, batch_size, device)
             pmap = probability_map(scan["image"].shape[1:], coords, probs, scan["spacing"], prob_radius_mm)
-            prob_path = out / f"{scan['id']}_cmb_prob.nii.gz"
-            write_like(pmap, scan["canonical"], prob_path, dtype=np.float32, overwrite=overwrite,
-                       inputs=[p for p in (mask,) if p is not None])
-            rows += _rows(scan, coords, probs)
+            write_like(pmap, scan["canonical"], prob_path, dtype=np.float32, overwrite=True,
+                       inputs=[p for p in (path, mask) if p is not None])
+            scan_rows = _rows(scan, coords, probs)
+            write_candidates_csv(scan_rows, rows_path)
+            rows += scan_rows
             done.append({"image": str(path), "id": scan["id"], "n_candidates": int(len(coords)),
                          "mask": scan["mask_source"], "probability_map": str(prob_path)})
             logger.info("%s: %d candidates, max probability %.3f", path.name, len(coords),
@@ -777,7 +787,7 @@ def run_inference(
             failures.append({"image": str(path), "error": f"{type(e).__name__}: {e}"})
             logger.error("%s: skipped (%s: %s)", path, type(e).__name__, e)
     write_candidates_csv(rows, out / "candidates.csv")
-    summary = {"processed": done, "failed": failures, "n_inputs": len(inputs)}
+    summary = {"processed": done, "skipped": skipped, "failed": failures, "n_inputs": len(inputs)}
     write_json(summary, out / "inference_summary.json")
     if failures:
         raise BatchInferenceError(failures, len(inputs))

@@ -425,12 +425,6 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
 
 
 @pytest.mark.e2e
-@pytest.mark.xfail(
-    strict=True,
-    reason="detection.run_inference defaults to overwrite=True and, with overwrite=False, raises FileExistsError "
-    "for an existing <id>_cmb_prob.nii.gz after recomputing it (scan reported failed) instead of skipping it; "
-    "inference.yaml has no `overwrite` key (issue 7: skip existing outputs unless --overwrite)",
-)
 def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     from cmb_synthesis import detection
 
@@ -443,3 +437,10 @@ def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     # the default (no --overwrite) must not replace existing outputs either
     detection.run_inference(_detector(), src, out)
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns == stamp
+    assert sorted(s["id"] for s in summary["skipped"]) == ["s1", "s2"] and not summary["processed"]
+    # the aggregated candidates.csv of a run that skipped every scan still lists every scan's candidates
+    first = (out / "s1_candidates.csv").read_text().splitlines()[1:] + (out / "s2_candidates.csv").read_text().splitlines()[1:]
+    assert sorted((out / "candidates.csv").read_text().splitlines()[1:]) == sorted(first)
+    forced = detection.run_inference(_detector(), src, out, overwrite=True)
+    assert sorted(s["id"] for s in forced["processed"]) == ["s1", "s2"] and not forced["skipped"]
+    assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns != stamp

@@ -65,15 +65,13 @@ def test_training_writes_checkpoints_metrics_and_weights(trained):
 
 
 @pytest.mark.e2e
-def test_resume_override_continues_from_saved_iteration(trained, tiny_cohort, caplog):
-    import logging
-
-    caplog.set_level(logging.INFO)
+def test_resume_override_continues_from_saved_iteration(trained, tiny_cohort):
+    # The bundle's logging.conf (fileConfig) replaces pytest's log capture, so the proof of resumption is in
+    # the artefacts: the trainer state continues at iteration 4 and only epoch 2 is validated.
     _train(trained, tiny_cohort, max_epochs=2, resume="true")
     models = trained / "models"
     ckpt = torch.load(models / "checkpoint_iteration=4.pt", weights_only=True)
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["max_epochs"] == 2
-    assert any("Restored all variables from" in r.getMessage() and "iteration=2" in r.getMessage() for r in caplog.records)
     hist = json.loads((models / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == [2]  # the resumed run validated epoch 2 only: epoch 1 was not redone
 
