@@ -7,7 +7,8 @@ config, as in any MONAI workflow.
 
 Batch format (a dict of (B, 1, X, Y, Z) tensors, see :mod:`cmb_synthesis.synthesis_data`): ``x_h`` healthy
 patch in [0, 1], ``y_hp`` its sampled lesion mask, ``brainmask_h``; ``x_p`` pathological patch, ``y_p`` its
-lesion mask, ``brainmask_p``; ``x_p2`` an independent pathological patch (the critic's real sample).
+lesion mask, ``brainmask_p``; ``x_p2`` an independent pathological patch (the critic's real sample) and ``y_p2``
+its mask (needed by mask-conditioned critics).
 """
 
 from __future__ import annotations
@@ -30,9 +31,9 @@ from cmb_synthesis.synthesis_metrics import synthesis_stats
 
 __all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "LOSS_KEYS", "BATCH_KEYS"]
 
-BATCH_KEYS = ("x_h", "y_hp", "brainmask_h", "x_p", "y_p", "brainmask_p", "x_p2")
+BATCH_KEYS = ("x_h", "y_hp", "brainmask_h", "x_p", "y_p", "brainmask_p", "x_p2", "y_p2")
 LOSS_KEYS = ("G", "D_P", "D_H", "CC", "ID", "AM", "GAN", "GP", "W_P", "W_H")
-_MASK_KEYS = ("y_hp", "y_p", "brainmask_h", "brainmask_p")
+_MASK_KEYS = ("y_hp", "y_p", "y_p2", "brainmask_h", "brainmask_p")
 
 
 def prepare_cycle_batch(
@@ -72,6 +73,8 @@ class CycleGANTrainer(Trainer):
             samples and the fakes of the current generators (one data batch per Ignite iteration) with a
             fresh interpolation ``eps`` each step.
         lambda_cc, lambda_id, lambda_am, lambda_gp, am_in_hph: loss weights, see :mod:`cmb_synthesis.losses`.
+        critic_mask: mask-conditioned critics (2 input channels; the batch then needs ``y_p2``), see
+            :mod:`cmb_synthesis.losses`. False: the paper's image-only critics.
         critic_objective_P, critic_objective_H, generator_objective: pre-built (e.g. DDP-wrapped) objective
             modules; built from the networks and weights when None.
         amp: autocast in ``amp_dtype`` (bf16 by default, no grad scaler needed); the gradient penalty stays fp32.
@@ -102,6 +105,7 @@ class CycleGANTrainer(Trainer):
         lambda_am: float = 10.0,
         lambda_gp: float = 10.0,
         am_in_hph: bool = False,
+        critic_mask: bool = False,
         critic_objective_P: nn.Module | None = None,
         critic_objective_H: nn.Module | None = None,
         generator_objective: nn.Module | None = None,
@@ -139,8 +143,10 @@ class CycleGANTrainer(Trainer):
         self.critic_objective_P = critic_objective_P or CriticObjective(D_P, lambda_gp)
         self.critic_objective_H = critic_objective_H or CriticObjective(D_H, lambda_gp)
         self.generator_objective = generator_objective or GeneratorObjective(
-            G_HP, G_PH, D_P, D_H, lambda_cc=lambda_cc, lambda_id=lambda_id, lambda_am=lambda_am, am_in_hph=am_in_hph
-        )
+            G_HP, G_PH, D_P, D_H, lambda_cc=lambda_cc, lambda_id=lambda_id, lambda_am=lambda_am, am_in_hph=am_in_hph,
+            critic_mask=critic_mask,
+        )  # fmt: skip
+        self.critic_mask = bool(critic_mask)
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.optim_set_to_none = optim_set_to_none
 
@@ -165,7 +171,9 @@ class CycleGANTrainer(Trainer):
             raise ValueError("must provide batch data for current iteration.")
         b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         x_h, y_hp, x_p, y_p = b["x_h"], b["y_hp"], b["x_p"], b["y_p"]
-        x_p2 = b.get("x_p2", x_p)
+        x_p2, y_p2 = (b["x_p2"], b.get("y_p2")) if "x_p2" in b else (x_p, y_p)
+        if self.critic_mask and y_p2 is None:
+            raise ValueError("critic_mask needs the mask of the critic's real sample: batch key 'y_p2'")
         bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
         nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H)
 
@@ -178,8 +186,12 @@ class CycleGANTrainer(Trainer):
             for _ in range(self.n_critic):
                 self.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
                 with self._autocast():
-                    out_p = self.critic_objective_P(x_p2, fake_p)
-                    out_h = self.critic_objective_H(x_h, fake_h)
+                    if self.critic_mask:
+                        out_p = self.critic_objective_P(x_p2, fake_p, y_p2, y_hp)
+                        out_h = self.critic_objective_H(x_h, fake_h, y_hp, y_p)
+                    else:
+                        out_p = self.critic_objective_P(x_p2, fake_p)
+                        out_h = self.critic_objective_H(x_h, fake_h)
                 (out_p["loss"].float() + out_h["loss"].float()).backward()
                 self.d_optimizer.step()
 

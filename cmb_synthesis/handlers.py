@@ -135,6 +135,19 @@ class ExportNetworks:
                 torch.save(net.state_dict(), tmp)
 
 
+def _scalar(value: Any) -> float | None:
+    """``value`` as a Python float when it is a real scalar (Python, NumPy or a one-element tensor), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float, np.integer, np.floating)):
+        return float(value)
+    if isinstance(value, np.ndarray) and value.size == 1 and np.issubdtype(value.dtype, np.number):
+        return float(value.item())
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.dtype.is_complex:
+        return float(value.item())
+    return None
+
+
 class MetricsJSONWriter:
     """Write the evaluator's metrics to ``path`` (JSON) after every validation round: the latest values under
     ``metrics``, every round under ``history``, the trainer's iteration/epoch and wall time, plus ``extra``."""
@@ -148,7 +161,7 @@ class MetricsJSONWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        metrics = {k: float(v) for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        metrics = {k: _scalar(v) for k, v in engine.state.metrics.items() if _scalar(v) is not None}
         record: dict[str, Any] = {"metrics": metrics}
         if self.trainer is not None:
             record.update(iteration=self.trainer.state.iteration, epoch=self.trainer.state.epoch)

@@ -7,7 +7,7 @@ Each training item is one CycleGAN step's worth of patches (every tensor (1, X, 
   sampled lesion (``RandCropByPosNegLabeld``, pos only) so every patch has something to paint.
 - ``x_p``, ``y_p``, ``brainmask_p``: a pathological patch with its own lesion mask; lesion-containing crops are
   oversampled (``pos : neg`` = ``pos_ratio : 1``).
-- ``x_p2``: an independent pathological patch (another random scan and crop), the critic ``D_P``'s real sample.
+- ``x_p2``, ``y_p2``: an independent pathological patch (another random scan and crop) and its mask, the critic ``D_P``'s real sample.
 
 Volumes are preprocessed once (``transforms.pipelines.preprocessing``: load, RAS, checks, brain-mask
 percentile clip [0, 99.5] and rescale to [0, 1]) and cached in memory by MONAI ``CacheDataset``; only the
@@ -163,7 +163,7 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
         return {
             "x_h": h["image"], "y_hp": h["label"], "brainmask_h": h["brainmask"],
             "x_p": p["image"], "y_p": p["label"], "brainmask_p": p["brainmask"],
-            "x_p2": p2["image"],
+            "x_p2": p2["image"], "y_p2": p2["label"],
         }  # fmt: skip
 
 

@@ -64,8 +64,8 @@ def test_training_mixes_real_and_synthetic_and_writes_checkpoints(trained):
     assert {"network", "optimizer", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 6
     m = json.loads((models / "train_metrics.json").read_text())
     assert 0.0 <= m["metrics"]["val_cpm"] <= 1.0
-    # val_auc is logged too; MetricsJSONWriter keeps only Python floats (MONAI returns numpy.float32 on ties)
-    assert all(0.0 <= h["metrics"].get("val_auc", 0.5) <= 1.0 for h in m["history"])
+    # val_auc is logged every round (MONAI may return it as numpy.float32)
+    assert all(0.0 <= h["metrics"]["val_auc"] <= 1.0 for h in m["history"])
     assert len(m["history"]) == 2 and m["training_data"] == "real+synthetic" and m["cda"] == "true"
     # tiny cohort: 3 pathological + 2 healthy real scans, plus 2 synthetic (all of them: fewer than 3)
     ids = m["training_scans"]

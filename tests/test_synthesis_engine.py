@@ -113,3 +113,25 @@ def test_evaluator_metrics_and_export(tmp_path):
     ExportNetworks(str(tmp_path), {"G_HP": nets[0]})()
     sd = torch.load(tmp_path / "G_HP.pt", weights_only=True)
     assert set(sd) == set(nets[0].state_dict())
+
+
+def test_metrics_json_writer_keeps_numpy_and_tensor_scalars(tmp_path):
+    import json
+
+    import numpy as np
+    from ignite.engine import Engine, Events
+
+    from cmb_synthesis.handlers import MetricsJSONWriter
+
+    def set_metrics(e):  # what a MONAI evaluator leaves: numpy and tensor scalars beside non-scalars
+        e.state.metrics = {"auc": np.float32(0.75), "cpm": 0.5, "n": torch.tensor(3.0), "flag": True,
+                           "curve": np.arange(3.0), "name": "x"}  # fmt: skip
+
+    engine = Engine(lambda e, b: None)
+    engine.add_event_handler(Events.EPOCH_COMPLETED, set_metrics)
+    writer = MetricsJSONWriter(str(tmp_path / "metrics.json"), extra={"run": "x"})
+    writer.attach(engine)
+    engine.run([0], max_epochs=2)
+    out = json.loads((tmp_path / "metrics.json").read_text())
+    assert out["metrics"] == {"auc": 0.75, "cpm": 0.5, "n": 3.0} and out["run"] == "x"
+    assert len(out["history"]) == 2

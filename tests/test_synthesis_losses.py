@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
-from cmb_synthesis.losses import L_AM, L_CC, L_GAN, L_ID, CriticObjective, GeneratorObjective, gradient_penalty
+from cmb_synthesis.losses import (
+    L_AM,
+    L_CC,
+    L_GAN,
+    L_ID,
+    CriticObjective,
+    GeneratorObjective,
+    critic_input,
+    gradient_penalty,
+)
 from cmb_synthesis.networks import CMBCritic, CMBGenerator
 
 
@@ -83,3 +93,35 @@ def test_objectives_single_forward():
     # zero-initialised residual heads: both generators start as the identity, so every L1 term is 0
     assert out["CC"].item() == 0.0 and out["ID"].item() == 0.0 and out["AM"].item() == 0.0
     assert out["G"].requires_grad
+
+
+def test_mask_conditioned_critics_see_image_and_mask():
+    """critic_mask: D_P judges [x~_p, y_p] against [x_p2, y_p2]; the linear critic D = <w_mask, mask * (-image)>
+    style feature "dark where the mask says" is then expressible, and the generator's GAN term sees the mask too."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 16, 16, 16)
+    y = torch.zeros_like(x)
+    y[:, :, 7:9, 7:9, 7:9] = 3  # instance label: the critic gets it binarised
+    pair = critic_input(x, y)
+    assert pair.shape == (2, 2, 16, 16, 16) and torch.equal(pair[:, 1], (y[:, 0] > 0).float())
+    assert critic_input(x) is x
+    seen = []
+
+    class Recording(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c = CMBCritic(in_channels=2, channels=4, num_layers_d=2)
+
+        def forward(self, t):
+            seen.append(t.shape[1])
+            return self.c(t)
+
+    d1, d2 = Recording(), Recording()
+    out = CriticObjective(d1)(x, x * 0.5, y, y)
+    assert out["loss"].requires_grad and set(seen) == {2}
+    with pytest.raises(ValueError, match="both real_mask and fake_mask"):
+        CriticObjective(d1)(x, x, y, None)
+    g1, g2 = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3), CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3)
+    seen.clear()
+    g = GeneratorObjective(g1, g2, d1, d2, critic_mask=True)(x, y, x, y)
+    assert g["G"].requires_grad and seen == [2, 2]
