@@ -128,33 +128,44 @@ def test_ckpt_export_function(bundle, net, tmp_path):
         torch.testing.assert_close(ts(x), network(x), rtol=1e-5, atol=1e-5)
 
 
-_NO_SYN_RELEASE = not (REPO / "bundles" / "cmb_synthesis" / "large_files.yml").is_file()
+# what each bundle's training writes to models/ (tests/test_synthesis_bundle.py, tests/test_detection_bundle.py)
+# and which of it is a release artifact
+_TRAINING_OUTPUTS = {
+    "cmb_synthesis": (
+        ["G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "lesion_bank.npz", "checkpoint_iteration=800.pt", "metrics.json"],
+        {"G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "lesion_bank.npz"},
+    ),
+    "cmb_detection": (["model.pt", "checkpoint_iteration=240.pt", "train_metrics.json"], {"model.pt"}),
+}
 
 
-@pytest.mark.parametrize(
-    "bundle",
-    [
-        pytest.param(
-            "cmb_synthesis",
-            marks=pytest.mark.xfail(
-                _NO_SYN_RELEASE,
-                strict=True,
-                reason="no trained synthesis weights yet: after training run "
-                "'python -m cmb_synthesis.weights --bundle_dir bundles/cmb_synthesis --update' and commit large_files.yml",
-            ),
-        ),
-        "cmb_detection",
-    ],
-)
-def test_large_files_yml_lists_released_weights(bundle):
-    """The committed large_files.yml is model-zoo shaped and lists the weights inference loads, with sha256
-    (whether local files match is environment-dependent: weights are not committed; the refusal of a mismatch
-    is tested in tests/test_weights.py)."""
+@pytest.mark.parametrize("bundle", sorted(BUNDLES))
+def test_release_lists_the_weights_inference_loads(bundle, tmp_path):
+    """Sharing a trained bundle: ``python -m cmb_synthesis.weights --update`` writes a model-zoo
+    large_files.yml with the sha256 of the released weights, and no resume checkpoint or log. This repository
+    releases no weights (none can be hosted here), so no bundle commits a large_files.yml: a committed list of
+    unpublished hashes would make every locally trained model fail its check. The refusal of a mismatching
+    file is tested in tests/test_weights.py."""
+    import shutil
+
     from cmb_synthesis import weights
 
-    entries = weights.read_large_files(REPO / "bundles" / bundle)
+    assert not (REPO / "bundles" / bundle / "large_files.yml").exists()
+    b = tmp_path / bundle
+    shutil.copytree(REPO / "bundles" / bundle / "configs", b / "configs")
+    (b / "models").mkdir()
+    written, released = _TRAINING_OUTPUTS[bundle]
+    for n, name in enumerate(written):
+        torch.save({"w": torch.full((2,), float(n))}, b / "models" / name)
+    r = subprocess.run(
+        [sys.executable, "-m", "cmb_synthesis.weights", "--bundle_dir", str(b), "--update"],
+        capture_output=True, text=True, encoding="utf-8", env=_env(), cwd=REPO,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    entries = weights.read_large_files(b)
     assert all(e["hash_type"] == "sha256" and e["path"].startswith("models/") for e in entries)
-    assert not any("checkpoint" in e["path"] for e in entries)  # resume state is not a release artifact
-    names = {Path(e["path"]).name for e in entries}
-    expected = {"cmb_synthesis": {"G_HP.pt", "G_PH.pt", "lesion_bank.npz"}, "cmb_detection": {"model.pt"}}[bundle]
-    assert expected <= names, names
+    assert {Path(e["path"]).name for e in entries} == released
+    assert all(e["hash_val"] == weights.sha256_file(b / e["path"]) for e in entries)
+    # the inference configs load exactly these names
+    text = (b / "configs" / BUNDLES[bundle]["config"]).read_text()
+    assert all(name.split(".")[0] in text for name in released if not name.startswith("D_"))
