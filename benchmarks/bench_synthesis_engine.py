@@ -2,7 +2,8 @@
 the same iteration written as a bare PyTorch loop (same networks, same batch, same losses).
 
 CPU preset (configs/train.yaml): batch 4 of 32x32x16 patches, generators with 8 channels / 2 residual blocks /
-3^3 stem / no norm, critics with 8 channels / 2 layers, n_critic 3. Paper preset (configs/paper.yaml) with
+3^3 stem / no norm, mask-conditioned critics with 8 channels / 2 layers, n_critic 5. Paper preset
+(configs/paper.yaml: image-only critics) with
 --preset paper (a GPU run). Both variants run on identical pre-built batches (no data loading),
 interleaved in rounds so machine load affects both alike; median and minimum per-iteration times and the
 process CPU time per iteration are reported (on a shared machine the minimum and CPU time are the stable ones).
@@ -27,8 +28,8 @@ from cmb_synthesis.losses import CriticObjective, GeneratorObjective
 from cmb_synthesis.networks import CMBCritic, CMBGenerator
 
 PRESETS = {
-    "cpu": dict(patch=(32, 32, 16), batch=4, g=(8, 2, 3), d=(8, 2), n_critic=3, norm=None),
-    "paper": dict(patch=(160, 146, 32), batch=4, g=(32, 6, 7), d=(64, 3), n_critic=5, norm="instance"),
+    "cpu": dict(patch=(32, 32, 16), batch=4, g=(8, 2, 3), d=(8, 2), n_critic=5, norm=None, critic_mask=True),
+    "paper": dict(patch=(160, 146, 32), batch=4, g=(32, 6, 7), d=(64, 3), n_critic=5, norm="instance", critic_mask=False),
 }
 
 
@@ -36,7 +37,8 @@ def make(preset: dict, device: torch.device, seed: int = 0):
     torch.manual_seed(seed)
     c, r, k = preset["g"]
     nets = [CMBGenerator(channels=c, n_res_blocks=r, stem_kernel=k, norm=preset["norm"]).to(device) for _ in range(2)]
-    nets += [CMBCritic(channels=preset["d"][0], num_layers_d=preset["d"][1]).to(device) for _ in range(2)]
+    cin = 2 if preset["critic_mask"] else 1
+    nets += [CMBCritic(in_channels=cin, channels=preset["d"][0], num_layers_d=preset["d"][1]).to(device) for _ in range(2)]
     go = torch.optim.Adam(list(nets[0].parameters()) + list(nets[1].parameters()), 1e-4, betas=(0.5, 0.99))
     do = torch.optim.Adam(list(nets[2].parameters()) + list(nets[3].parameters()), 1e-4, betas=(0.5, 0.99))
     return nets, go, do
@@ -51,13 +53,14 @@ def batch(preset: dict, device: torch.device) -> dict:
     xp = x.clone()
     xp[y > 0] = 0.1
     return {k: v.to(device) for k, v in dict(
-        x_h=x, y_hp=y, brainmask_h=torch.ones_like(x), x_p=xp, y_p=y, brainmask_p=torch.ones_like(x), x_p2=xp.flip(2)
+        x_h=x, y_hp=y, brainmask_h=torch.ones_like(x), x_p=xp, y_p=y, brainmask_p=torch.ones_like(x), x_p2=xp.flip(2), y_p2=y.flip(2)
     ).items()}  # fmt: skip
 
 
 def bare_loop(preset, device, data, iters, amp):
     (g1, g2, d1, d2), go, do = make(preset, device)
-    cp, ch, gen = CriticObjective(d1), CriticObjective(d2), GeneratorObjective(g1, g2, d1, d2)
+    cm = preset["critic_mask"]
+    cp, ch, gen = CriticObjective(d1), CriticObjective(d2), GeneratorObjective(g1, g2, d1, d2, critic_mask=cm)
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     times = []
     for _ in range(iters):
@@ -68,7 +71,10 @@ def bare_loop(preset, device, data, iters, amp):
         for _ in range(preset["n_critic"]):
             do.zero_grad(set_to_none=True)
             with ac():
-                op, oh = cp(b["x_p2"], fp), ch(b["x_h"], fh)
+                if cm:
+                    op, oh = cp(b["x_p2"], fp, b["y_p2"], b["y_hp"]), ch(b["x_h"], fh, b["y_hp"], b["y_p"])
+                else:
+                    op, oh = cp(b["x_p2"], fp), ch(b["x_h"], fh)
             (op["loss"].float() + oh["loss"].float()).backward()
             do.step()
         for p in list(d1.parameters()) + list(d2.parameters()):
@@ -90,7 +96,8 @@ def bare_loop(preset, device, data, iters, amp):
 
 def engine_loop(preset, device, data, iters, amp):
     (g1, g2, d1, d2), go, do = make(preset, device)
-    tr = CycleGANTrainer(device, 1, [data] * iters, g1, g2, d1, d2, go, do, n_critic=preset["n_critic"], amp=amp)
+    tr = CycleGANTrainer(device, 1, [data] * iters, g1, g2, d1, d2, go, do, n_critic=preset["n_critic"], amp=amp,
+                         critic_mask=preset["critic_mask"])  # fmt: skip
     times, t0 = [], [0.0]
     tr.add_event_handler(Events.ITERATION_STARTED, lambda e: t0.__setitem__(0, time.perf_counter()))
 
