@@ -47,7 +47,7 @@ N, S = 2, (16, 16, 16)
 full = {k: torch.rand((N, 1, *S), generator=g) for k in ("x_h", "x_p", "x_p2")}
 # lesion masks with the same voxel count in every sample: L_AM is normalised by the batch's count of brain
 # voxels outside lesions, which DDP takes per rank (equal to the global ratio only for equal counts)
-for k in ("y_hp", "y_p"):
+for k in ("y_hp", "y_p", "y_p2"):  # y_p2: the mask of x_p2 (mask-conditioned critics)
     m = (torch.rand((1, 1, *S), generator=g) > 0.9).float()
     full[k] = torch.cat([m, m.roll(shifts=(5, 3, 7), dims=(2, 3, 4))])
 full.update({k: torch.ones((N, 1, *S)) for k in ("brainmask_h", "brainmask_p")})
