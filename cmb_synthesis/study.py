@@ -29,7 +29,7 @@ from cmb_synthesis import froc
 from cmb_synthesis.io import write_json
 from cmb_synthesis.stages import Stage, StageRunner, run_bundle
 
-__all__ = ["ARMS", "PAPER_TABLE1", "run_study", "subset_datalist", "scan_results"]
+__all__ = ["ARMS", "PAPER_TABLE1", "run_study", "subset_datalist", "scan_results", "results_markdown"]
 
 # (training_data, cda) in the paper's Table 1 order
 ARMS: tuple[tuple[str, bool], ...] = (
@@ -123,7 +123,9 @@ def _fmt_ci(v: float | None, ci: Sequence[float | None] | None, pct: bool = True
     return s
 
 
-def _markdown(results: Mapping[str, Any]) -> str:
+def results_markdown(results: Mapping[str, Any]) -> str:
+    """The study's Markdown tables (Table 1 layout for the first repeat, paired differences per repeat, the
+    spread over repeats) from a ``results.json`` dict."""
     reps = results["repeats"]
     lines = [
         "| Training data | cDA | Sensitivity at 10 FP/scan, % [95 % CI] | FP/scan at 90 % sensitivity [95 % CI] | CPM "
@@ -146,10 +148,12 @@ def _markdown(results: Mapping[str, Any]) -> str:
     lines.append("")
     lines.append("Paired bootstrap over test scans (same resampled scans for both models), sensitivity at 10 FP/scan:")
     lines.append("")
-    lines.append("| Comparison | Difference, percentage points [95 % CI] |")
-    lines.append("|---|---|")
-    for key, d in reps[0]["differences"].items():
-        lines.append(f"| {key} | {_fmt_ci(d['difference'], d['ci95'])} |")
+    lines.append("| Comparison | Seed | Difference, percentage points [95 % CI] |")
+    lines.append("|---|---|---|")
+    for key in reps[0]["differences"]:
+        for r in reps:
+            d = r["differences"][key]
+            lines.append(f"| {key} | {r['seed']} | {_fmt_ci(d['difference'], d['ci95'])} |")
     if len(reps) > 1:
         lines.append("")
         lines.append(f"Spread over {len(reps)} repeats (seeds {[r['seed'] for r in reps]}), sensitivity at 10 FP/scan:")
@@ -342,7 +346,7 @@ def run_study(
     from cmb_synthesis.io import atomic_output
 
     with atomic_output(out / "results.md") as tmp:
-        tmp.write_text(_markdown(results))
+        tmp.write_text(results_markdown(results))
     print(f"study finished: {out / 'results.json'}, {out / 'results.md'}, {out / 'froc.png'}", flush=True)
     return results
 
