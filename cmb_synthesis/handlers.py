@@ -27,11 +27,13 @@ from cmb_synthesis.io import atomic_output, write_json
 
 __all__ = ["NonFiniteLossGuard", "SynthesisImageGrid", "ExportNetworks", "MetricsJSONWriter", "latest_checkpoint"]
 
-_CKPT = re.compile(r"checkpoint_(?:[a-z_]*_)?iteration=(\d+)\.pt$")
+_CKPT = re.compile(r"checkpoint_(?:[a-z_]*_)?(iteration|epoch)=(\d+)\.pt$")
 
 
 def latest_checkpoint(ckpt_dir: str | Path, required: bool = True) -> str:
-    """Path of the ``checkpoint_iteration=N.pt`` (MONAI ``CheckpointSaver`` interval name) with the largest N.
+    """Path of the newest MONAI ``CheckpointSaver`` interval checkpoint in ``ckpt_dir``:
+    ``checkpoint_iteration=N.pt`` (iteration-level savers) or ``checkpoint_epoch=N.pt`` (epoch-level), the
+    largest N; if both kinds are present, the most recently written file.
 
     Raises:
         FileNotFoundError: ``required`` and there is none (returns "" otherwise).
@@ -41,13 +43,15 @@ def latest_checkpoint(ckpt_dir: str | Path, required: bool = True) -> str:
     if ckpt_dir.is_dir():
         for p in ckpt_dir.iterdir():
             m = _CKPT.search(p.name)
-            if m:
-                found.append((int(m.group(1)), p))
+            if m and not p.name.startswith("."):
+                found.append((m.group(1), int(m.group(2)), p.stat().st_mtime, p))
     if not found:
         if required:
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint_iteration=N.pt to resume from")
+            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint_iteration=N.pt or checkpoint_epoch=N.pt to resume from")
         return ""
-    return str(max(found)[1])
+    if len({f[0] for f in found}) == 1:
+        return str(max(found, key=lambda f: f[1])[3])
+    return str(max(found, key=lambda f: f[2])[3])
 
 
 class NonFiniteLossGuard:

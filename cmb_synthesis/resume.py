@@ -263,3 +263,38 @@ class ResumeFromLatest:
         )(engine)
         engine.state.resumed_from = path
         self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+
+
+class KeyMetricState:
+    """The best-so-far of a validation run, as a checkpointable object: put it in the trainer's
+    ``CheckpointSaver`` ``save_dict`` and ``CheckpointLoader`` ``load_dict`` (e.g. as ``best``).
+
+    Without it a resumed run forgets which validation score the saved best model (``model.pt``) had: the
+    evaluator's ``best_metric`` restarts at -1 and the key-metric saver's list is empty, so the first validation
+    after the resume overwrites ``model.pt`` even when it is worse. ``state_dict()`` holds the evaluator's
+    ``best_metric``/``best_metric_epoch`` and the saver's tracking list (Ignite ``Checkpoint.state_dict``: scores
+    and file names, plain Python types, loadable with ``weights_only=True``); ``load_state_dict`` restores both
+    (the saver through MONAI's ``CheckpointSaver.load_state_dict``).
+
+    Args:
+        saver: the evaluator's MONAI ``CheckpointSaver`` with ``save_key_metric=True``.
+        evaluator: the MONAI evaluator whose ``state.best_metric`` it tracks.
+    """
+
+    def __init__(self, saver: Any, evaluator: Engine) -> None:
+        if getattr(saver, "_key_metric_checkpoint", None) is None:
+            raise ValueError("KeyMetricState needs a CheckpointSaver created with save_key_metric=True")
+        self.saver, self.evaluator = saver, evaluator
+
+    def state_dict(self) -> dict[str, Any]:
+        st = self.evaluator.state
+        return {
+            "best_metric": float(getattr(st, "best_metric", -1)),
+            "best_metric_epoch": int(getattr(st, "best_metric_epoch", -1)),
+            "saver": self.saver._key_metric_checkpoint.state_dict(),
+        }
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        self.evaluator.state.best_metric = float(state_dict["best_metric"])
+        self.evaluator.state.best_metric_epoch = int(state_dict["best_metric_epoch"])
+        self.saver.load_state_dict(dict(state_dict["saver"]))

@@ -57,12 +57,14 @@ def trained(tiny_cohort, synthetic_dir, tmp_path_factory):
 def test_training_mixes_real_and_synthetic_and_writes_checkpoints(trained):
     models = trained / "models"
     names = {p.name for p in models.iterdir()}
-    assert {"model.pt", "checkpoint_iteration=6.pt", "train_metrics.json"} <= names
+    assert {"model.pt", "checkpoint_epoch=2.pt", "train_metrics.json"} <= names
     state = torch.load(models / "model.pt", weights_only=True)  # best model: a plain state dict
     assert all(isinstance(v, torch.Tensor) for v in state.values())
-    ckpt = torch.load(models / "checkpoint_iteration=6.pt", weights_only=True)
-    assert {"network", "optimizer", "trainer"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 6
+    ckpt = torch.load(models / "checkpoint_epoch=2.pt", weights_only=True)
+    assert {"network", "optimizer", "trainer", "best"} <= set(ckpt) and ckpt["trainer"]["iteration"] == 6
     m = json.loads((models / "train_metrics.json").read_text())
+    # the checkpoint of the last epoch holds that epoch's validation: the best score so far, for a resume
+    assert ckpt["best"]["best_metric"] == pytest.approx(max(h["metrics"]["val_cpm"] for h in m["history"]))
     assert 0.0 <= m["metrics"]["val_cpm"] <= 1.0
     # val_auc is logged every round (MONAI may return it as numpy.float32)
     assert all(0.0 <= h["metrics"]["val_auc"] <= 1.0 for h in m["history"])
@@ -75,6 +77,25 @@ def test_training_mixes_real_and_synthetic_and_writes_checkpoints(trained):
     assert any((trained / "runs").iterdir())  # TensorBoard events
     assert list((trained / "data" / "candidate_cache").glob("*.npz"))
 
+
+
+@pytest.mark.e2e
+def test_resume_continues_and_keeps_the_best_model(trained, tiny_cohort, synthetic_dir, tmp_path):
+    """--resume true on a copy of the trained bundle: training continues at epoch 3 (not from scratch), and
+    model.pt changes only if epoch 3 validates better than the best restored from the checkpoint."""
+    root = tmp_path / "bundle"
+    shutil.copytree(trained / "models", root / "models")
+    before = (root / "models" / "model.pt").read_bytes()
+    best = torch.load(root / "models" / "checkpoint_epoch=2.pt", weights_only=True)["best"]["best_metric"]
+    _run("training", "train.yaml", root, datalist=tiny_cohort, training_data="real+synthetic",
+         synthetic_dir=str(synthetic_dir), cda="true", resume="true", **{**TINY_TRAIN, "max_epochs": 3})
+    ckpt = torch.load(root / "models" / "checkpoint_epoch=3.pt", weights_only=True)
+    assert ckpt["trainer"]["iteration"] == 9 and ckpt["trainer"]["max_epochs"] == 3
+    hist = json.loads((root / "models" / "train_metrics.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [3]  # epochs 1 and 2 were not redone
+    score = hist[0]["metrics"]["val_cpm"]
+    assert ckpt["best"]["best_metric"] == pytest.approx(max(best, score))
+    assert ((root / "models" / "model.pt").read_bytes() == before) == (score <= best)
 
 @pytest.mark.e2e
 def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort):

@@ -444,3 +444,50 @@ def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     forced = detection.run_inference(_detector(), src, out, overwrite=True)
     assert sorted(s["id"] for s in forced["processed"]) == ["s1", "s2"] and not forced["skipped"]
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns != stamp
+
+
+def test_key_metric_state_keeps_the_best_model_across_a_resume(tmp_path):
+    """A resumed run (new evaluator, new saver) restores the best-so-far from the trainer's checkpoint: a worse
+    validation after the resume leaves model.pt alone, a better one replaces it."""
+    from ignite.engine import Engine, Events
+    from monai.handlers import CheckpointSaver
+
+    from cmb_synthesis.resume import KeyMetricState
+
+    net = torch.nn.Linear(2, 1)
+
+    def session(scores):
+        ev = Engine(lambda e, b: None)
+        it = iter(scores)
+
+        @ev.on(Events.EPOCH_COMPLETED)
+        def _score(e):  # stands in for the key metric of a MONAI evaluator
+            e.state.metrics = {"val_cpm": next(it)}
+            if e.state.metrics["val_cpm"] > getattr(e.state, "best_metric", -1):
+                e.state.best_metric, e.state.best_metric_epoch = e.state.metrics["val_cpm"], e.state.epoch
+
+        saver = CheckpointSaver(str(tmp_path), {"network": net}, save_key_metric=True, key_metric_name="val_cpm",
+                                key_metric_filename="model.pt")  # fmt: skip
+        saver.attach(ev)
+        ev.state.best_metric, ev.state.best_metric_epoch = -1, -1
+        return ev, saver, KeyMetricState(saver, ev)
+
+    ev, saver, state = session([0.5, 0.8])
+    for v in (1.0, 2.0):  # epoch 1 weights, then the best (epoch 2) weights
+        torch.nn.init.constant_(net.weight, v)
+        ev.run([0], max_epochs=ev.state.epoch + 1)
+    torch.save({"best": state.state_dict()}, tmp_path / "ckpt.pt")
+    saved = torch.load(tmp_path / "ckpt.pt", weights_only=True)["best"]  # plain types: weights_only loads it
+    assert saved["best_metric"] == 0.8 and saved["best_metric_epoch"] == 2
+    best_bytes = (tmp_path / "model.pt").read_bytes()
+
+    ev2, saver2, state2 = session([0.6, 0.9])
+    state2.load_state_dict(saved)
+    torch.nn.init.constant_(net.weight, 3.0)
+    ev2.run([0], max_epochs=1)  # 0.6 < 0.8: model.pt keeps the best weights of the first session
+    assert (tmp_path / "model.pt").read_bytes() == best_bytes and ev2.state.best_metric == 0.8
+    torch.nn.init.constant_(net.weight, 4.0)
+    ev2.run([0], max_epochs=2)  # 0.9 > 0.8: replaced
+    assert torch.load(tmp_path / "model.pt", weights_only=True)["weight"].eq(4.0).all()
+    with pytest.raises(ValueError, match="save_key_metric"):
+        KeyMetricState(CheckpointSaver(str(tmp_path), {"network": net}, save_interval=1), ev2)
