@@ -202,7 +202,7 @@ def run_study(
         arms: ``(training_data, cda)`` pairs; default the paper's six.
         in_process: run bundles in this process (faster start, used by the tests) instead of subprocesses.
     """
-    out = Path(output_dir)
+    out = Path(output_dir).resolve()  # stage datalists hold absolute paths (a relative one would resolve twice)
     out.mkdir(parents=True, exist_ok=True)
     syn_b, det_b = Path(synthesis_bundle).resolve(), Path(detection_bundle).resolve()
     syn_train = [str(syn_b / c) for c in synthesis_train_configs]
