@@ -165,7 +165,7 @@ class MetricsJSONWriter:
         engine.add_event_handler(Events.EPOCH_COMPLETED, self)
 
     def __call__(self, engine: Engine) -> None:
-        metrics = {k: _scalar(v) for k, v in engine.state.metrics.items() if _scalar(v) is not None}
+        metrics = {k: f for k, v in engine.state.metrics.items() if (f := _scalar(v)) is not None}
         record: dict[str, Any] = {"metrics": metrics}
         if self.trainer is not None:
             record.update(iteration=self.trainer.state.iteration, epoch=self.trainer.state.epoch)
