@@ -71,10 +71,8 @@ def bare_loop(preset, device, data, iters, amp):
         for _ in range(preset["n_critic"]):
             do.zero_grad(set_to_none=True)
             with ac():
-                if cm:
-                    op, oh = cp(b["x_p2"], fp, b["y_p2"], b["y_hp"]), ch(b["x_h"], fh, b["y_hp"], b["y_p"])
-                else:
-                    op, oh = cp(b["x_p2"], fp), ch(b["x_h"], fh)
+                mp, mh = ((b["y_p2"], b["y_hp"]), (b["y_hp"], b["y_p"])) if cm else ((None, None), (None, None))
+                op, oh = cp(b["x_p2"], fp, *mp), ch(b["x_h"], fh, *mh)
             (op["loss"].float() + oh["loss"].float()).backward()
             do.step()
         for p in list(d1.parameters()) + list(d2.parameters()):

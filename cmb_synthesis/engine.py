@@ -174,6 +174,8 @@ class CycleGANTrainer(Trainer):
         x_p2, y_p2 = (b["x_p2"], b.get("y_p2")) if "x_p2" in b else (x_p, y_p)
         if self.critic_mask and y_p2 is None:
             raise ValueError("critic_mask needs the mask of the critic's real sample: batch key 'y_p2'")
+        # (real, fake) masks given to the critics: only when they are mask-conditioned
+        masks_p, masks_h = ((y_p2, y_hp), (y_hp, y_p)) if self.critic_mask else ((None, None), (None, None))
         bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
         nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H)
 
@@ -186,12 +188,8 @@ class CycleGANTrainer(Trainer):
             for _ in range(self.n_critic):
                 self.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
                 with self._autocast():
-                    if self.critic_mask:
-                        out_p = self.critic_objective_P(x_p2, fake_p, y_p2, y_hp)
-                        out_h = self.critic_objective_H(x_h, fake_h, y_hp, y_p)
-                    else:
-                        out_p = self.critic_objective_P(x_p2, fake_p)
-                        out_h = self.critic_objective_H(x_h, fake_h)
+                    out_p = self.critic_objective_P(x_p2, fake_p, *masks_p)
+                    out_h = self.critic_objective_H(x_h, fake_h, *masks_h)
                 (out_p["loss"].float() + out_h["loss"].float()).backward()
                 self.d_optimizer.step()
 

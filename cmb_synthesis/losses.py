@@ -202,10 +202,9 @@ class GeneratorObjective(nn.Module):
         am = L_AM(fake_h, x_p, y_p, brainmask_p)
         if self.am_in_hph:
             am = am + L_AM(fake_p, x_h, y_hp, brainmask_h)
-        if self.critic_mask:  # the critics judge each fake with the mask it was made for
-            gan = L_GAN(self.D_P(critic_input(fake_p, y_hp))) + L_GAN(self.D_H(critic_input(fake_h, y_p)))
-        else:
-            gan = L_GAN(self.D_P(fake_p)) + L_GAN(self.D_H(fake_h))
+        # mask-conditioned critics judge each fake with the mask it was made for
+        m_p, m_h = (y_hp, y_p) if self.critic_mask else (None, None)
+        gan = L_GAN(self.D_P(critic_input(fake_p, m_p))) + L_GAN(self.D_H(critic_input(fake_h, m_h)))
         total = self.lambda_cc * cc + self.lambda_id * ident + self.lambda_am * am + self.lambda_gan * gan
         return {
             "G": total,
