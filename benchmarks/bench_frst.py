@@ -260,7 +260,7 @@ def main() -> None:
     print(f"accumulation only (O_n, M_n for {len(RADII)} radii): np.add.at {a['add_at_s']:.3f} s, np.bincount "
           f"{a['bincount_s']:.3f} s, {a['speedup']:.1f}x")
     if args.output:
-        from cmb_synthesis.io import write_json
+        from cmb_synthesis.data.io import write_json
 
         write_json(summary, args.output)
 

@@ -23,9 +23,9 @@ import time
 import torch
 from ignite.engine import Events
 
-from cmb_synthesis.engine import CycleGANTrainer
-from cmb_synthesis.losses import CriticObjective, GeneratorObjective
-from cmb_synthesis.networks import CMBCritic, CMBGenerator
+from cmb_synthesis.synthesis.engine import CycleGANTrainer
+from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorObjective
+from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
 PRESETS = {
     "cpu": dict(patch=(32, 32, 16), batch=4, g=(8, 2, 3), d=(8, 2), n_critic=5, norm=None, critic_mask=True),

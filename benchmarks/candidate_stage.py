@@ -3,7 +3,7 @@
 For every scan of the split: preprocess as the detector does (``transforms.pipelines.preprocessing``:
 load, RAS, percentile clip + rescale to [0, 1] inside the brain mask), FRST candidates inside the brain mask
 (``transforms.frst.FRSTCandidatesd`` with the given settings, defaults = the tuned defaults), then the FROC
-hit rule (``cmb_synthesis.froc.match_candidates``: a candidate hits a CMB when its voxel lies in the CMB's
+hit rule (``cmb_synthesis.evaluation.hits.match_candidates``: a candidate hits a CMB when its voxel lies in the CMB's
 instance mask). Reports the fraction of CMBs hit by at least one candidate, candidates per scan, the same at
 smaller caps, the missed CMBs' sizes, seconds per scan, and the FROC of the FRST score alone.
 
@@ -31,7 +31,8 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cmb_synthesis import froc  # noqa: E402
+from cmb_synthesis.evaluation import froc  # noqa: E402
+from cmb_synthesis.evaluation.hits import match_candidates  # noqa: E402
 from transforms import frst  # noqa: E402
 
 CAPS = (25, 50, 100, 200, 300, 500)
@@ -60,7 +61,7 @@ def load_scan(item: dict[str, Any]) -> dict[str, Any]:
         spacing = frst.spacing_from_affine(d["image"].affine)
         how = "transforms.pipelines.preprocessing"
     else:
-        from cmb_synthesis.io import load_nifti
+        from cmb_synthesis.data.io import load_nifti
 
         img, aff, _ = load_nifti(item["image"])
         bm = load_nifti(item["brainmask"], np.uint8)[0]
@@ -88,7 +89,7 @@ def run_scan(scan: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     coords, scores = frst.find_candidates(fmap, scan["brainmask"], scan["spacing"], image=scan["image"],
                                           **settings["candidates"])
     seconds = time.perf_counter() - t0
-    result = froc.match_candidates(scan["id"], coords, scores, scan["label"])
+    result = match_candidates(scan["id"], coords, scores, scan["label"])
     return {"coords": coords, "scores": scores, "result": result, "seconds": seconds}
 
 
@@ -101,7 +102,7 @@ def summarize(scans: list[dict[str, Any]], runs: list[dict[str, Any]], caps=CAPS
     for cap in caps:
         h = 0
         for scan, r in zip(scans, runs):
-            res = froc.match_candidates(scan["id"], r["coords"][:cap], r["scores"][:cap], scan["label"])
+            res = match_candidates(scan["id"], r["coords"][:cap], r["scores"][:cap], scan["label"])
             h += int((~np.isnan(res.lesion_scores)).sum())
         at_cap[str(cap)] = h / n_les if n_les else None
     missed = []
@@ -178,7 +179,7 @@ def main() -> None:
               "loader": loader,
               "machine": f"{os.cpu_count()}-core CPU VM, no GPU, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
               **summary, "failures": failures}
-    from cmb_synthesis.io import write_json
+    from cmb_synthesis.data.io import write_json
 
     write_json(report, args.output)
     print(json.dumps({k: v for k, v in report.items() if k not in ("missed",)}, indent=1))

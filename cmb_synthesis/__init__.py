@@ -4,7 +4,7 @@ Implements Faryna et al., "Adversarial cycle-consistent synthesis of cerebral mi
 augmentation" as MONAI components. Modules:
 
 - :mod:`cmb_synthesis.phantom`: the embedded SWI phantom cohort (MNI152 anatomy, veins, ground-truth CMBs).
-- :mod:`cmb_synthesis.io`: atomic output and checked NIfTI input.
+- :mod:`cmb_synthesis.data.io`: atomic output and checked NIfTI input.
 - :mod:`cmb_synthesis.bundle_utils`: helpers called from bundle configs.
 """
 

@@ -21,7 +21,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 from scipy import ndimage  # noqa: E402
 
-from cmb_synthesis.io import atomic_output, write_json  # noqa: E402
+from cmb_synthesis.data.io import atomic_output, write_json  # noqa: E402
 
 
 def _load(folder: Path, name: str) -> np.ndarray:

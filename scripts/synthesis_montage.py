@@ -22,10 +22,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 
-from cmb_synthesis.io import atomic_output  # noqa: E402
-from cmb_synthesis.networks import CMBGenerator  # noqa: E402
-from cmb_synthesis.synthesis_infer import find_scans, load_scan, synthesize_volume  # noqa: E402
-from cmb_synthesis.weights import load_network_weights  # noqa: E402
+from cmb_synthesis.data.io import atomic_output  # noqa: E402
+from cmb_synthesis.synthesis.networks import CMBGenerator  # noqa: E402
+from cmb_synthesis.synthesis.inference import find_scans, load_scan, synthesize_volume  # noqa: E402
+from cmb_synthesis.training.weights import load_network_weights  # noqa: E402
 
 
 def _slice_and_box(label: np.ndarray, half: int = 16):

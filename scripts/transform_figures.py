@@ -28,8 +28,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from monai.data import load_decathlon_datalist  # noqa: E402
 
-from cmb_synthesis.io import atomic_output  # noqa: E402
+from cmb_synthesis.data.io import atomic_output  # noqa: E402
 from transforms.augment import classical_augmentation  # noqa: E402
+from cmb_synthesis.synthesis.data import lesion_bank  # noqa: E402
 from transforms.lesion_mask import LesionBank, RandLesionMaskd  # noqa: E402
 from transforms.pipelines import preprocessing  # noqa: E402
 
@@ -96,7 +97,7 @@ def main(datalist: str | None = None, out_dir: str = str(ROOT / "docs" / "img"),
 
     # 2) sampled lesion mask on a healthy phantom (bank from the pathological training scans)
     t0 = time.perf_counter()
-    bank = LesionBank.from_datalist(datalist, split="training")
+    bank = lesion_bank(datalist, split="training")
     t_bank = time.perf_counter() - t0
     h = preprocessing(label_keys=(), extra_keys=("tissue",))({k: healthy[k] for k in ("image", "brainmask", "tissue")})
     sampler = RandLesionMaskd(bank=bank, n_lesions=None).set_random_state(seed)
@@ -121,7 +122,7 @@ def main(datalist: str | None = None, out_dir: str = str(ROOT / "docs" / "img"),
 
     shape = tuple(d["image"].shape[1:])
     print(f"volume {shape}: preprocessing {t_pre:.2f} s, cDA {np.mean(times):.2f} s/draw, "
-          f"LesionBank.from_datalist {t_bank:.2f} s, RandLesionMaskd {t_mask:.2f} s ({int(lab.max())} lesions)")  # fmt: skip
+          f"lesion_bank {t_bank:.2f} s, RandLesionMaskd {t_mask:.2f} s ({int(lab.max())} lesions)")  # fmt: skip
     if tmpdir is not None:
         tmpdir.cleanup()
 

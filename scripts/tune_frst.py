@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from candidate_stage import load_scan, load_split  # noqa: E402
 
-from cmb_synthesis import froc  # noqa: E402
+from cmb_synthesis.evaluation import froc  # noqa: E402
+from cmb_synthesis.evaluation.hits import match_candidates  # noqa: E402
 from transforms import frst  # noqa: E402
 
 GRID: dict[str, list[Any]] = {
@@ -65,11 +66,11 @@ def evaluate_setting(scans: list[dict[str, Any]], s: dict[str, Any], cap: int, c
                                               min_distance_mm=s["min_distance_mm"], max_candidates=cap,
                                               snap_radius_mm=s["snap_radius_mm"])
         seconds += time.perf_counter() - t0
-        r = froc.match_candidates(scan["id"], coords, scores, scan["label"])
+        r = match_candidates(scan["id"], coords, scores, scan["label"])
         results.append(r)
         hits += int((~np.isnan(r.lesion_scores)).sum())
         for k in TOP_K:
-            rk = froc.match_candidates(scan["id"], coords[:k], scores[:k], scan["label"])
+            rk = match_candidates(scan["id"], coords[:k], scores[:k], scan["label"])
             hits_k[k] += int((~np.isnan(rk.lesion_scores)).sum())
         n_les += len(r.lesion_scores)
         n_cand.append(len(coords))
@@ -130,7 +131,7 @@ def main() -> None:
         print(f"round {rnd + 1}: best {json.dumps(best_m)}", flush=True)
         if not improved:
             break
-    from cmb_synthesis.io import write_json
+    from cmb_synthesis.data.io import write_json
 
     write_json({"datalist": args.datalist, "split": args.split, "n_scans": len(scans),
                 "max_candidates": args.max_candidates, "objective": "sensitivity at the cap, then top-50 sensitivity, "

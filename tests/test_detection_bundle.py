@@ -115,7 +115,7 @@ def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort):
     assert fps == sorted(fps)
     assert (out / "froc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # candidates.csv is evaluable on its own against the datalist and gives the same numbers
-    from cmb_synthesis.froc import evaluate_csv
+    from cmb_synthesis.evaluation.report import evaluate_csv
 
     again = evaluate_csv(out / "candidates.csv", tiny_cohort, "test", n_bootstrap=50)
     assert again["sensitivity_at_fp"] == m["sensitivity_at_fp"] and again["cpm"] == pytest.approx(m["cpm"])
@@ -125,7 +125,7 @@ def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort):
 def test_inference_writes_outputs_in_the_input_space_and_reports_a_bad_scan(trained, tiny_cohort, tmp_path):
     from monai.data import load_decathlon_datalist
 
-    from cmb_synthesis.detection import BatchInferenceError
+    from cmb_synthesis.detection.inference import BatchInferenceError
 
     item = load_decathlon_datalist(tiny_cohort, True, "test")[0]
     ext = tmp_path / "external"

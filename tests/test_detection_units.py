@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from cmb_synthesis import detection as D
-from cmb_synthesis.classifier import build_classifier, count_parameters
+from cmb_synthesis.data import brainmask, datalist, naming, scans
+from cmb_synthesis.detection import candidates, inference, training
+from cmb_synthesis.detection.classifier import build_classifier, count_parameters
 
 
 # ------------------------------------------------------------------------------------------ classifier
@@ -43,47 +44,47 @@ def test_label_candidates_follows_the_hit_rule():
     lab[2:4, 2:4, 2:4] = 5  # lesion 5
     lab[7, 7, 7] = 9  # one-voxel lesion 9
     coords = np.array([[2, 2, 2], [3, 3, 3], [4, 4, 4], [7, 7, 7], [0, 0, 0], [7, 7, 6]])
-    targets, ids = D.label_candidates(coords, torch.as_tensor(lab[None].astype(np.int32)))
+    targets, ids = candidates.label_candidates(coords, torch.as_tensor(lab[None].astype(np.int32)))
     np.testing.assert_array_equal(targets, [1, 1, 0, 1, 0, 0])
     np.testing.assert_array_equal(ids, [5, 5, 0, 9, 0, 0])  # two hits on lesion 5: both positive samples
     assert targets.dtype == np.float32
-    t0, i0 = D.label_candidates(np.zeros((0, 3), int), lab)
+    t0, i0 = candidates.label_candidates(np.zeros((0, 3), int), lab)
     assert t0.shape == (0,) and i0.shape == (0,)
     with pytest.raises(ValueError, match="outside"):
-        D.label_candidates(np.array([[10, 0, 0]]), lab)
+        candidates.label_candidates(np.array([[10, 0, 0]]), lab)
 
 
 # ---------------------------------------------------------------------------------------------- sampler
 def test_balanced_sampler_draws_the_asked_positive_fraction_reproducibly():
     labels = np.r_[np.ones(10), np.zeros(990)]
-    draws = list(D.balanced_sampler(labels, pos_fraction=0.5, num_samples=4000, seed=3))
+    draws = list(training.balanced_sampler(labels, pos_fraction=0.5, num_samples=4000, seed=3))
     assert len(draws) == 4000
     frac = float(np.mean(labels[draws]))
     assert abs(frac - 0.5) < 0.04  # 4000 Bernoulli(0.5) draws: sd 0.008
     assert len(set(d for d in draws if labels[d] == 1)) == 10  # every positive is used
-    assert draws == list(D.balanced_sampler(labels, 0.5, 4000, seed=3))
-    assert draws != list(D.balanced_sampler(labels, 0.5, 4000, seed=4))
-    frac25 = float(np.mean(labels[list(D.balanced_sampler(labels, 0.25, 4000, seed=0))]))
+    assert draws == list(training.balanced_sampler(labels, 0.5, 4000, seed=3))
+    assert draws != list(training.balanced_sampler(labels, 0.5, 4000, seed=4))
+    frac25 = float(np.mean(labels[list(training.balanced_sampler(labels, 0.25, 4000, seed=0))]))
     assert abs(frac25 - 0.25) < 0.04
-    uniform = list(D.balanced_sampler(np.zeros(50), 0.5, 100, seed=0))  # healthy-only set: uniform
+    uniform = list(training.balanced_sampler(np.zeros(50), 0.5, 100, seed=0))  # healthy-only set: uniform
     assert len(uniform) == 100 and max(uniform) < 50
     with pytest.raises(ValueError, match="no samples"):
-        D.balanced_sampler([], 0.5)
+        training.balanced_sampler([], 0.5)
     with pytest.raises(ValueError, match="pos_fraction"):
-        D.balanced_sampler(labels, 1.0)
+        training.balanced_sampler(labels, 1.0)
 
 
 def test_patch_transforms_cast_and_cda_switch():
     x = {"image": torch.rand(1, 16, 16, 8).half(), "label": torch.tensor([1.0])}
-    out = D.patch_transforms(False)(dict(x))
+    out = training.patch_transforms(False)(dict(x))
     assert out["image"].dtype == torch.float32 and torch.equal(out["image"], x["image"].float())
-    aug = D.patch_transforms("true", prob=1.0, flip=True, padding_mode="border")
+    aug = training.patch_transforms("true", prob=1.0, flip=True, padding_mode="border")
     aug.set_random_state(0)
     out = aug(dict(x))
     assert out["image"].shape == (1, 16, 16, 8) and not torch.allclose(out["image"], x["image"].float())
     assert out["label"].item() == 1.0
     with pytest.raises(ValueError, match="boolean"):
-        D.patch_transforms("maybe")
+        training.patch_transforms("maybe")
 
 
 # ------------------------------------------------------------------------------ training-data selection
@@ -107,41 +108,42 @@ def test_training_items_real_synthetic_and_one_to_one_mix(tmp_path):
     real = _fake_datalist(tmp_path / "real", n_path=4, n_healthy=2)
     syn_dir = tmp_path / "synthetic"
     _fake_datalist(syn_dir, n_path=7, n_healthy=0, prefix="synthetic")
-    r = D.training_items(real, "real")
+    r = training.training_items(real, "real")
     assert [it["id"] for it in r] == [f"real{i}" for i in range(6)]
     assert all(Path(it["image"]).is_absolute() for it in r)
-    s = D.training_items(real, "synthetic", syn_dir)
+    s = training.training_items(real, "synthetic", syn_dir)
     assert [it["id"] for it in s] == [f"synthetic{i}" for i in range(7)] and all(it["synthetic"] for it in s)
-    m = D.training_items(real, "real+synthetic", syn_dir, ratio=1.0, seed=0)
+    m = training.training_items(real, "real+synthetic", syn_dir, ratio=1.0, seed=0)
     n_syn = sum(1 for it in m if it.get("synthetic"))
     assert len(m) == 6 + 4 and n_syn == 4  # as many synthetic scans as real pathological ones
-    assert D.training_items(real, "real+synthetic", syn_dir, seed=0) == m  # seeded
-    assert sum(1 for it in D.training_items(real, "real+synthetic", syn_dir, ratio=3.0) if it.get("synthetic")) == 7
+    assert training.training_items(real, "real+synthetic", syn_dir, seed=0) == m  # seeded
+    assert sum(1 for it in training.training_items(real, "real+synthetic", syn_dir, ratio=3.0) if it.get("synthetic")) == 7
     with pytest.raises(ValueError, match="training_data"):
-        D.training_items(real, "fake")
+        training.training_items(real, "fake")
     with pytest.raises(FileNotFoundError, match="synthetic datalist"):
-        D.training_items(real, "synthetic", tmp_path / "nowhere")
+        training.training_items(real, "synthetic", tmp_path / "nowhere")
     with pytest.raises(ValueError, match="synthetic_dir"):
-        D.training_items(real, "real+synthetic", None)
+        training.training_items(real, "real+synthetic", None)
 
 
 def test_datalist_naming_a_missing_file_is_a_clear_error(tmp_path):
     path = _fake_datalist(tmp_path, 2, 0)
     (tmp_path / "real1_label.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match="real1_label.nii.gz"):
-        D.load_split(path, "training")
+        datalist.load_split(path, "training")
     with pytest.raises(FileNotFoundError, match="datalist does not exist"):
-        D.load_split(tmp_path / "none.json", "training")
+        datalist.load_split(tmp_path / "none.json", "training")
     with pytest.raises(ValueError, match="no 'nosplit'"):
-        D.load_split(path, "nosplit")
+        datalist.load_split(path, "nosplit")
 
 
 # ------------------------------------------------------------------------------------------ CPM metric
 def test_candidate_cpm_matches_froc_evaluate_on_hand_made_scans():
-    from cmb_synthesis.froc import ScanResult, evaluate
+    from cmb_synthesis.evaluation.froc import evaluate
+    from cmb_synthesis.evaluation.hits import ScanResult
 
     scans = [{"id": "a", "n_lesions": 2}, {"id": "b", "n_lesions": 1}, {"id": "c", "n_lesions": 0}]
-    metric = D.CandidateCPM(scans)
+    metric = training.CandidateCPM(scans)
     metric.reset()
     # scan a: lesion 1 hit twice (0.9, 0.4), lesion 2 missed; FP 0.8. scan b: lesion 3 hit 0.3; FP 0.95, 0.1
     # scan c (healthy): FP 0.5
@@ -156,7 +158,7 @@ def test_candidate_cpm_matches_froc_evaluate_on_hand_made_scans():
     # hand computation: thresholds 0.95 (FP/scan 1/3, sens 0), 0.9 (1/3, 1/3), 0.8 (2/3, 1/3), 0.5 (1, 1/3),
     # 0.3 (1, 2/3), 0.1 (4/3, 2/3): sensitivities at 1/8, 1/4, 1/2, 1, 2, 4, 8 FP/scan = 0, 0, 1/3, 2/3, 2/3 x3
     assert metric.compute() == pytest.approx((0 + 0 + 1 / 3 + 4 * 2 / 3) / 7)
-    empty = D.CandidateCPM([{"id": "h", "n_lesions": 0}])
+    empty = training.CandidateCPM([{"id": "h", "n_lesions": 0}])
     empty.reset()
     empty.update((torch.tensor([0.2]), torch.tensor([0]), torch.tensor([0])))
     assert empty.compute() == 0.0
@@ -195,21 +197,21 @@ def _blob_scan(folder: Path, affine: np.ndarray, name: str = "s1") -> dict[str, 
 def test_load_scan_candidates_and_rows_in_the_input_space(tmp_path):
     las = np.diag([-0.98, 0.98, 1.0, 1.0])  # x flipped: stored LAS, processed in RAS
     paths = _blob_scan(tmp_path, las)
-    scan = D.load_scan(paths["image"], paths["brainmask"], paths["label"])
+    scan = scans.load_scan(paths["image"], paths["brainmask"], paths["label"])
     assert scan["id"] == "s1" and scan["image"].shape == (1, 48, 44, 36)
     assert float(scan["image"].min()) >= 0.0 and float(scan["image"].max()) == pytest.approx(1.0)
     assert np.allclose(scan["affine"][:3, :3], np.diag([0.98, 0.98, 1.0]), atol=1e-5)
-    coords, scores = D.scan_candidates(scan, cache_dir=tmp_path / "cache")
-    targets, ids = D.label_candidates(coords, scan["label"])
+    coords, scores = candidates.scan_candidates(scan, cache_dir=tmp_path / "cache")
+    targets, ids = candidates.label_candidates(coords, scan["label"])
     assert set(ids[ids > 0]) == {1, 2, 3}  # every dark sphere is a candidate
     cached = list((tmp_path / "cache").glob("*.npz"))
     assert len(cached) == 1
-    c2, s2 = D.scan_candidates(scan, cache_dir=tmp_path / "cache")
+    c2, s2 = candidates.scan_candidates(scan, cache_dir=tmp_path / "cache")
     np.testing.assert_array_equal(c2, coords)
-    assert len(D.scan_candidates(scan, {"max_candidates": 5}, tmp_path / "cache")[0]) == 5  # settings in the key
+    assert len(candidates.scan_candidates(scan, {"max_candidates": 5}, tmp_path / "cache")[0]) == 5  # settings in the key
     assert len(list((tmp_path / "cache").glob("*.npz"))) == 2
     # candidates.csv rows: voxels in the stored (LAS) grid, world = input affine @ voxel, same lesion label
-    rows = D._rows(scan, coords, np.linspace(1, 0, len(coords)))
+    rows = inference._rows(scan, coords, np.linspace(1, 0, len(coords)))
     stored = nib.load(str(paths["label"]))
     lab_stored = np.asarray(stored.dataobj)
     for r, lesion in zip(rows, ids):
@@ -224,9 +226,9 @@ def test_mask_on_another_grid_and_missing_image_are_named(tmp_path):
     bad = tmp_path / "other_brainmask.nii.gz"
     nib.save(nib.Nifti1Image(np.ones((10, 10, 10), np.uint8), np.eye(4)), str(bad))
     with pytest.raises(ValueError, match="other_brainmask"):
-        D.load_scan(paths["image"], bad)
+        scans.load_scan(paths["image"], bad)
     with pytest.raises(FileNotFoundError, match="missing_swi"):
-        D.load_scan(tmp_path / "missing_swi.nii.gz")
+        scans.load_scan(tmp_path / "missing_swi.nii.gz")
 
 
 def test_estimated_brainmask_covers_the_head_and_keeps_dark_lesions():
@@ -236,18 +238,18 @@ def test_estimated_brainmask_covers_the_head_and_keeps_dark_lesions():
     img = np.where(head, 100.0, 5.0) + np.random.default_rng(0).normal(0, 2, shape)
     lesion = (x - 20) ** 2 + (y - 20) ** 2 + (z - 15) ** 2 <= 4
     img[lesion] = 10.0  # as dark as background, inside the head
-    m = D.estimate_brainmask(img, (1.0, 1.0, 1.0))
+    m = brainmask.estimate_brainmask(img, (1.0, 1.0, 1.0))
     assert m.dtype == np.uint8 and m[lesion].all()
     from scipy import ndimage
 
     core = ndimage.binary_erosion(head, iterations=3)
     assert m[core].all() and m[~head].mean() < 0.01
     with pytest.raises(ValueError, match="constant"):
-        D.estimate_brainmask(np.ones(shape))
+        brainmask.estimate_brainmask(np.ones(shape))
 
 
 def test_probability_map_puts_probabilities_on_small_balls():
-    pm = D.probability_map((20, 20, 20), np.array([[5, 5, 5], [6, 5, 5], [19, 19, 19]]), np.array([0.2, 0.7, 0.4]),
+    pm = inference.probability_map((20, 20, 20), np.array([[5, 5, 5], [6, 5, 5], [19, 19, 19]]), np.array([0.2, 0.7, 0.4]),
                            (1.0, 1.0, 1.0), radius_mm=1.0)
     assert pm.dtype == np.float32 and pm[5, 5, 5] == pytest.approx(0.7)  # overlap: the max
     assert pm[4, 5, 5] == pytest.approx(0.2) and pm[19, 19, 19] == pytest.approx(0.4)
@@ -259,9 +261,9 @@ def test_find_inputs_skips_masks_labels_and_outputs(tmp_path):
               "c_veins.nii.gz", "c_tissue.nii.gz"):
         (tmp_path / n).write_bytes(b"")
     (tmp_path / "dicom_series").mkdir()
-    assert [p.name for p in D.find_inputs(tmp_path)] == ["a_swi.nii.gz", "b.nii", "dicom_series"]
-    assert D.find_brainmask(tmp_path / "a_swi.nii.gz").name == "a_brainmask.nii.gz"
-    assert D.find_brainmask(tmp_path / "b.nii") is None
-    assert D.scan_id_of(tmp_path / "a_swi.nii.gz") == "a" and D.scan_id_of("x/dicom_series") == "dicom_series"
+    assert [p.name for p in naming.find_inputs(tmp_path)] == ["a_swi.nii.gz", "b.nii", "dicom_series"]
+    assert naming.find_brainmask(tmp_path / "a_swi.nii.gz").name == "a_brainmask.nii.gz"
+    assert naming.find_brainmask(tmp_path / "b.nii") is None
+    assert naming.scan_id_of(tmp_path / "a_swi.nii.gz") == "a" and naming.scan_id_of("x/dicom_series") == "dicom_series"
     with pytest.raises(FileNotFoundError):
-        D.find_inputs(tmp_path / "none")
+        naming.find_inputs(tmp_path / "none")

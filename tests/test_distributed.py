@@ -26,9 +26,9 @@ WRITERS = {
     "StatsHandler",
     "TensorBoardStatsHandler",
     "ignite.handlers.ProgressBar",
-    "cmb_synthesis.handlers.ExportNetworks",
-    "cmb_synthesis.handlers.SynthesisImageGrid",
-    "cmb_synthesis.handlers.MetricsJSONWriter",
+    "cmb_synthesis.training.handlers.ExportNetworks",
+    "cmb_synthesis.training.handlers.SynthesisImageGrid",
+    "cmb_synthesis.training.handlers.MetricsJSONWriter",
 }
 
 
@@ -102,7 +102,7 @@ def test_multi_gpu_config_gates_every_writer_to_rank0(configs):
         gated = h.get("_disabled_") == "$not @is_rank0"
         assert gated == (h["_target_"] in WRITERS), f"{h['_target_']}: rank-0 gating is {gated}"
     targets = [h["_target_"] for h in p["train#handlers"]]
-    assert {"CheckpointLoader", "CheckpointSaver", "cmb_synthesis.resume.EpochReseed"} <= set(targets)
+    assert {"CheckpointLoader", "CheckpointSaver", "cmb_synthesis.training.resume.EpochReseed"} <= set(targets)
     assert "Distributed" in p[p["train#dataloader#sampler"][1:]]["_target_"]
     assert p["train#dataloader#batch_size"] == "$max(1, @batch_size // @world_size)" or (
         p["train#dataloader#batch_size"] == "@per_rank_batch_size"

@@ -141,14 +141,14 @@ _TRAINING_OUTPUTS = {
 
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
 def test_release_lists_the_weights_inference_loads(bundle, tmp_path):
-    """Sharing a trained bundle: ``python -m cmb_synthesis.weights --update`` writes a model-zoo
+    """Sharing a trained bundle: ``python -m cmb_synthesis.training.weights --update`` writes a model-zoo
     large_files.yml with the sha256 of the released weights, and no resume checkpoint or log. This repository
     releases no weights (none can be hosted here), so no bundle commits a large_files.yml: a committed list of
     unpublished hashes would make every locally trained model fail its check. The refusal of a mismatching
     file is tested in tests/test_weights.py."""
     import shutil
 
-    from cmb_synthesis import weights
+    from cmb_synthesis.training import weights
 
     assert not (REPO / "bundles" / bundle / "large_files.yml").exists()
     b = tmp_path / bundle
@@ -158,7 +158,7 @@ def test_release_lists_the_weights_inference_loads(bundle, tmp_path):
     for n, name in enumerate(written):
         torch.save({"w": torch.full((2,), float(n))}, b / "models" / name)
     r = subprocess.run(
-        [sys.executable, "-m", "cmb_synthesis.weights", "--bundle_dir", str(b), "--update"],
+        [sys.executable, "-m", "cmb_synthesis.training.weights", "--bundle_dir", str(b), "--update"],
         capture_output=True, text=True, encoding="utf-8", env=_env(), cwd=REPO,
     )  # fmt: skip
     assert r.returncode == 0, r.stderr

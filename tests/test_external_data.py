@@ -1,7 +1,7 @@
 """External SWI: NIfTI in other orientations / anisotropic spacing and DICOM series made from a phantom subject.
 
 Each volume is derived from a phantom subject (world coordinates preserved), loaded through
-``transforms.pipelines.preprocessing`` (canonical RAS) and through :mod:`cmb_synthesis.external`, and results
+``transforms.pipelines.preprocessing`` (canonical RAS) and through :mod:`cmb_synthesis.data.scans`, and results
 are written back in the input's space and header geometry.
 """
 
@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt_transform
 
-from cmb_synthesis import external
+from cmb_synthesis.data import __main__ as external_cli
+from cmb_synthesis.data import scans as external
 
 ANISO_SPACING = (0.98, 0.98, 3.0)
 
@@ -245,15 +246,15 @@ def test_dicom_series_from_phantom(subject, tmp_path):
 
     # the command line: DICOM series -> canonical NIfTI for the bundles, and a result back to the series' grid
     nifti = tmp_path / "series1_ras.nii.gz"
-    assert external.main(["to-canonical", str(folder), str(nifti)]) == 0
+    assert external_cli.main(["to-canonical", str(folder), str(nifti)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(nifti)).dataobj), can.array)
     result = tmp_path / "series1_result.nii.gz"
     nib.save(nib.Nifti1Image((can.array > 1500).astype(np.uint8), nib.load(str(nifti)).affine), str(result))
     back = tmp_path / "series1_result_native.nii.gz"
-    assert external.main(["back", str(result), str(folder), str(back)]) == 0
+    assert external_cli.main(["back", str(result), str(folder), str(back)]) == 0
     np.testing.assert_array_equal(np.asarray(nib.load(str(back)).dataobj), expected.astype(np.uint8))
-    assert external.main(["back", str(result), str(folder), str(back)]) == 1  # exists: kept unless --overwrite
-    assert external.main(["to-canonical", str(nifti), str(nifti), "--overwrite"]) == 1  # never over the input
+    assert external_cli.main(["back", str(result), str(folder), str(back)]) == 1  # exists: kept unless --overwrite
+    assert external_cli.main(["to-canonical", str(nifti), str(nifti), "--overwrite"]) == 1  # never over the input
 
 
 def _nifti(arr: np.ndarray, like: nib.Nifti1Image, path: Path) -> Path:

@@ -3,7 +3,7 @@ batch inference writes atomically, skips existing outputs unless asked, never wr
 
 The SIGKILL test runs the synthesis bundle (``python -m monai.bundle run training`` subprocesses, tiny
 configuration, ``EpochReseed`` added by the override) and kills it in the middle of an epoch;
-:class:`cmb_synthesis.resume.ResumeFromLatest` and :class:`~cmb_synthesis.resume.EpochReseed` are also checked
+:class:`cmb_synthesis.training.resume.ResumeFromLatest` and :class:`~cmb_synthesis.training.resume.EpochReseed` are also checked
 in-process on a generic MONAI trainer config.
 """
 
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from cmb_synthesis.resume import EpochReseed, epoch_seed, find_latest_checkpoint, is_complete_checkpoint
+from cmb_synthesis.training.resume import EpochReseed, epoch_seed, is_complete_checkpoint, latest_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,11 +44,12 @@ class KillPoint:
 '''
 
 TINY_BUNDLE = """
-imports: ["$import torch", "$import numpy as np", "$import monai", "$import cmb_synthesis.resume", "$import killpoint"]
+imports: ["$import torch", "$import numpy as np", "$import monai", "$import cmb_synthesis", "$import cmb_synthesis.training.resume", "$import killpoint"]
 seed: 3
 max_epochs: 4
 run_dir: "."
 ckpt_dir: "$@run_dir + '/models'"
+ckpt_path: "$cmb_synthesis.training.resume.latest_checkpoint(@ckpt_dir)"
 kill_epoch: 0
 device: "$torch.device('cpu')"
 data: "$[{'image': np.random.RandomState(i).rand(1, 8, 8, 8).astype('float32'), 'label': np.random.RandomState(100 + i).rand(1, 8, 8, 8).astype('float32')} for i in range(6)]"
@@ -62,12 +63,13 @@ transforms:
 dataset: {_target_: monai.data.Dataset, data: "@data", transform: "@transforms"}
 loader: {_target_: monai.data.DataLoader, dataset: "@dataset", batch_size: 2, shuffle: true, num_workers: 0}
 handlers:
-  - {_target_: cmb_synthesis.resume.EpochReseed, seed: "@seed"}
+  - {_target_: cmb_synthesis.training.resume.EpochReseed, seed: "@seed"}
   - {_target_: killpoint.KillPoint, marker: "$@run_dir + '/killed_here'", epoch: "@kill_epoch", iteration_in_epoch: 2}
 # handlers that save/restore the trainer itself are attached in `run` (the trainer cannot list them: cycle)
 checkpoint_handlers:
-  - _target_: cmb_synthesis.resume.ResumeFromLatest
-    checkpoint_dir: "@ckpt_dir"
+  - _target_: CheckpointLoader
+    _disabled_: "$not @ckpt_path"
+    load_path: "@ckpt_path"
     load_dict: {network: "@network", optimizer: "@optimizer", trainer: "@trainer"}
   - _target_: CheckpointSaver
     save_dir: "@ckpt_dir"
@@ -85,7 +87,7 @@ trainer:
   train_handlers: "@handlers"
 initialize: ["$monai.utils.set_determinism(seed=123)"]
 run: ["$[h.attach(@trainer) for h in @checkpoint_handlers]", "$@trainer.run()", "$torch.save(@network.state_dict(), @run_dir + '/final.pt')",
-  "$open(@run_dir + '/resumed_from.txt', 'w').write(str(@trainer.state.resumed_from))"]
+  "$open(@run_dir + '/resumed_from.txt', 'w').write(@ckpt_path or 'None')"]
 """
 
 
@@ -107,9 +109,9 @@ g_res_blocks: 1
 d_channels: 2
 n_critic: 1
 kill_epoch: 0
-+imports: ["$import killpoint", "$import cmb_synthesis.resume"]
++imports: ["$import killpoint", "$import cmb_synthesis.training.resume"]
 +train#handlers:
-  - {_target_: cmb_synthesis.resume.EpochReseed, seed: "@seed"}
+  - {_target_: cmb_synthesis.training.resume.EpochReseed, seed: "@seed"}
   - {_target_: killpoint.KillPoint, marker: "$@bundle_root + '/killed_here'", epoch: "@kill_epoch", iteration_in_epoch: 1}
 """
 
@@ -141,7 +143,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_pa
     proc.stdout.close()
     assert proc.returncode == -signal.SIGKILL
     assert not (run_dir / "models" / "G_HP.pt").exists()  # written only when training completes
-    latest = find_latest_checkpoint(run_dir / "models", pattern="checkpoint_iteration=*.pt")
+    latest = latest_checkpoint(run_dir / "models")
     assert latest is not None and latest.endswith("checkpoint_iteration=4.pt")  # end of epoch 2
 
     out = subprocess.run(cmd(run_dir, "--resume", "true"), env=env, cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
@@ -160,7 +162,7 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_pa
 
 
 def test_resume_from_latest_matches_uninterrupted(tmp_path):
-    """ResumeFromLatest + EpochReseed on a generic MONAI trainer: 2 epochs, then a new run to 4 epochs that
+    """Resume as the bundles do (CheckpointLoader of latest_checkpoint) + EpochReseed on a generic MONAI trainer: 2 epochs, then a new run to 4 epochs that
     resumes from the newest checkpoint, equals 4 uninterrupted epochs (shuffling, random flips/noise, dropout)."""
     from monai.bundle import run
 
@@ -207,18 +209,20 @@ def test_without_reseed_a_resumed_run_diverges():
     assert epoch_seed(5, 2, 0) != epoch_seed(5, 2, 1) != epoch_seed(5, 3, 0)
 
 
-def test_find_latest_checkpoint_skips_truncated(tmp_path):
-    assert find_latest_checkpoint(tmp_path / "missing") is None
+def test_latest_checkpoint_skips_truncated(tmp_path):
+    assert latest_checkpoint(tmp_path / "missing") == ""
+    with pytest.raises(FileNotFoundError, match="missing"):
+        latest_checkpoint(tmp_path / "missing", required=True)
     for e in (1, 2, 10):
         torch.save({"trainer": {"iteration": e}, "w": torch.randn(256)}, tmp_path / f"checkpoint_epoch={e}.pt")
-    assert find_latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")  # numeric, not lexical
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=10.pt")  # numeric, not lexical
     # a save interrupted by a kill leaves a truncated file: it is skipped
     data = (tmp_path / "checkpoint_epoch=10.pt").read_bytes()
     (tmp_path / "checkpoint_epoch=10.pt").write_bytes(data[: len(data) // 2])
     assert not is_complete_checkpoint(tmp_path / "checkpoint_epoch=10.pt")
-    assert find_latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
     (tmp_path / ".checkpoint_epoch=11.pt.tmp").write_bytes(data)
-    assert find_latest_checkpoint(tmp_path, pattern="*").endswith("checkpoint_epoch=2.pt")
+    assert latest_checkpoint(tmp_path).endswith("checkpoint_epoch=2.pt")
 
 
 def test_reseed_reaches_transforms_inside_randomizable_datasets():
@@ -226,7 +230,7 @@ def test_reseed_reaches_transforms_inside_randomizable_datasets():
     from monai.data import CacheDataset, Dataset
     from monai.transforms import Compose, RandFlipd, RandGaussianNoised, Randomizable
 
-    from cmb_synthesis.resume import reseed_tree
+    from cmb_synthesis.training.resume import reseed_tree
 
     class Pair(torch.utils.data.Dataset, Randomizable):
         def __init__(self, a, b):
@@ -255,15 +259,15 @@ def test_reseed_reaches_transforms_inside_randomizable_datasets():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Batch inference of the synthesis bundle (cmb_synthesis.synthesis_infer.run_inference): atomic outputs, skip
+# Batch inference of the synthesis bundle (cmb_synthesis.synthesis.inference.run_inference): atomic outputs, skip
 # existing unless overwrite, never over an input.
 
 KILL_DURING_SAVE = r'''
 import os, signal, sys
 import nibabel as nib
 import torch
-from cmb_synthesis.networks import CMBGenerator
-from cmb_synthesis.synthesis_infer import run_inference
+from cmb_synthesis.synthesis.networks import CMBGenerator
+from cmb_synthesis.synthesis.inference import run_inference
 
 real_save, calls = nib.save, []
 
@@ -319,8 +323,8 @@ def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_p
         if not f.name.startswith("."):
             nib.load(str(f)).get_fdata()
     # a rerun finishes the job: no output is mistaken for done
-    from cmb_synthesis.networks import CMBGenerator
-    from cmb_synthesis.synthesis_infer import run_inference
+    from cmb_synthesis.synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis.inference import run_inference
 
     res = run_inference(src, out, G_HP=CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3), patch=(48, 40, 16))
     assert sorted(res["written"]) == ["s1", "s2"] and res["skipped"] == []
@@ -331,8 +335,8 @@ def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_p
 def test_synthesis_inference_skips_existing_overwrites_on_request_and_never_writes_over_inputs(tmp_path):
     import json
 
-    from cmb_synthesis.networks import CMBGenerator
-    from cmb_synthesis.synthesis_infer import run_inference
+    from cmb_synthesis.synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis.inference import run_inference
 
     src, out = _scan_folder(tmp_path), tmp_path / "out"
     G = CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3)
@@ -384,11 +388,11 @@ def test_epoch_reseed_covers_seeded_samplers():
     assert full[0] != full[1]  # still random from epoch to epoch
 
 
-# Batch inference of the detection bundle (cmb_synthesis.detection.run_inference).
+# Batch inference of the detection bundle (cmb_synthesis.detection.inference.run_inference).
 
 
 def _detector():
-    from cmb_synthesis.classifier import build_classifier
+    from cmb_synthesis.detection.classifier import build_classifier
 
     torch.manual_seed(0)
     return build_classifier("classifier", patch_size=(32, 32, 16), channels=(4, 8), strides=(2, 2), num_res_units=1).eval()
@@ -398,7 +402,7 @@ def _detector():
 def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, monkeypatch):
     import nibabel as nib
 
-    from cmb_synthesis import detection
+    from cmb_synthesis.detection import inference as detection
 
     src, out = _scan_folder(tmp_path), tmp_path / "det"
     with pytest.raises(ValueError, match="must differ from the input folder"):
@@ -426,7 +430,7 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
 
 @pytest.mark.e2e
 def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
-    from cmb_synthesis import detection
+    from cmb_synthesis.detection import inference as detection
 
     src, out = _scan_folder(tmp_path), tmp_path / "det"
     detection.run_inference(_detector(), src, out)
@@ -452,7 +456,7 @@ def test_key_metric_state_keeps_the_best_model_across_a_resume(tmp_path):
     from ignite.engine import Engine, Events
     from monai.handlers import CheckpointSaver
 
-    from cmb_synthesis.resume import KeyMetricState
+    from cmb_synthesis.training.resume import KeyMetricState
 
     net = torch.nn.Linear(2, 1)
 

@@ -9,8 +9,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from cmb_synthesis import froc
-from cmb_synthesis.froc import ScanResult, evaluate, froc_curve, match_candidates, paired_bootstrap_difference
+from cmb_synthesis.evaluation import __main__ as froc_cli
+from cmb_synthesis.evaluation import report as froc
+from cmb_synthesis.evaluation.froc import evaluate, froc_curve, paired_bootstrap_difference
+from cmb_synthesis.evaluation.hits import ScanResult, match_candidates
 
 
 def _labels():
@@ -155,7 +157,7 @@ def test_candidates_csv_world_coordinates_and_evaluate_csv(small_cohort):
     assert (out / "froc.csv").read_text().splitlines()[0] == "threshold,fp_per_scan,sensitivity"
     # the command line does the same
     out2 = folder / "cli"
-    assert froc.main(["--candidates", str(csv_path), "--datalist", str(dl), "--output_dir", str(out2),
+    assert froc_cli.main(["--candidates", str(csv_path), "--datalist", str(dl), "--output_dir", str(out2),
                       "--n_bootstrap", "20"]) == 0
     assert json.loads((out2 / "metrics.json").read_text())["sensitivity_at_fp"]["1"] == pytest.approx(0.5)
 
@@ -185,7 +187,7 @@ def test_bad_candidates_csv_and_datalist(small_cohort, capsys):
     (folder / "s2_cmb.nii.gz").unlink()
     with pytest.raises(FileNotFoundError, match=r"datalist.json: test\[1\] names label file .*s2_cmb.nii.gz"):
         froc.evaluate_csv(outside, dl, n_bootstrap=0)
-    assert froc.main(["--candidates", str(outside), "--datalist", str(dl), "--output_dir", str(folder / "o")]) == 2
+    assert froc_cli.main(["--candidates", str(outside), "--datalist", str(dl), "--output_dir", str(folder / "o")]) == 2
     assert "s2_cmb.nii.gz" in capsys.readouterr().err
     assert not (folder / "o").exists()
 

@@ -163,7 +163,7 @@ def test_candidate_stage_on_phantom_scans(tiny_cohort):
     """Preprocessed phantom test scans: the default candidate stage hits the CMBs with at most the cap."""
     from monai.data import load_decathlon_datalist
 
-    from cmb_synthesis.froc import match_candidates
+    from cmb_synthesis.evaluation.hits import match_candidates
     from transforms.frst import DEFAULT_MAX_CANDIDATES
     from transforms.pipelines import preprocessing
 

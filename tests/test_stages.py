@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cmb_synthesis.stages import Stage, StageRunner, run_bundle
+from cmb_synthesis.study.stages import Stage, StageRunner, run_bundle
 
 
 def _counting_stage(name, params, calls, depends=(), files=()):

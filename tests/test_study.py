@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cmb_synthesis.study import ARMS, arm_name, run_study, subset_datalist
+from cmb_synthesis.study.runner import ARMS, arm_name, run_study, subset_datalist
 
 REPO = Path(__file__).resolve().parents[1]
 SYN_TINY = dict(device="cpu", patch_size=[32, 32, 16], batch_size=2, epoch_length=2, max_epochs=1, val_interval=1,

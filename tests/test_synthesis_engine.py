@@ -8,10 +8,11 @@ import pytest
 import torch
 from monai.handlers import CheckpointLoader, CheckpointSaver
 
-from cmb_synthesis.engine import LOSS_KEYS, CycleGANTrainer, SynthesisEvaluator
-from cmb_synthesis.handlers import ExportNetworks, NonFiniteLossGuard, latest_checkpoint
-from cmb_synthesis.networks import CMBCritic, CMBGenerator
-from cmb_synthesis.synthesis_metrics import METRIC_NAMES, SynthesisMetric
+from cmb_synthesis.synthesis.engine import LOSS_KEYS, CycleGANTrainer, SynthesisEvaluator
+from cmb_synthesis.training.handlers import ExportNetworks, NonFiniteLossGuard
+from cmb_synthesis.training.resume import latest_checkpoint
+from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
+from cmb_synthesis.synthesis.metrics import METRIC_NAMES, SynthesisMetric
 
 S = (16, 16, 16)
 
@@ -121,7 +122,7 @@ def test_metrics_json_writer_keeps_numpy_and_tensor_scalars(tmp_path):
     import numpy as np
     from ignite.engine import Engine, Events
 
-    from cmb_synthesis.handlers import MetricsJSONWriter
+    from cmb_synthesis.training.handlers import MetricsJSONWriter
 
     def set_metrics(e):  # what a MONAI evaluator leaves: numpy and tensor scalars beside non-scalars
         e.state.metrics = {"auc": np.float32(0.75), "cpm": 0.5, "n": torch.tensor(3.0), "flag": True,

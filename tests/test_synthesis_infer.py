@@ -1,4 +1,4 @@
-"""Whole-volume inference on known tensors and files (cmb_synthesis.synthesis_infer)."""
+"""Whole-volume inference on known tensors and files (cmb_synthesis.synthesis.inference)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from cmb_synthesis.networks import CMBGenerator
-from cmb_synthesis.synthesis_infer import find_scans, run_inference, synthesize_volume
+from cmb_synthesis.synthesis.networks import CMBGenerator
+from cmb_synthesis.synthesis.inference import find_scans, run_inference, synthesize_volume
 
 
 class DarkenUnderMask(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""Known-tensor checks of the paper losses (cmb_synthesis.losses)."""
+"""Known-tensor checks of the paper losses (cmb_synthesis.synthesis.losses)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cmb_synthesis.losses import (
+from cmb_synthesis.synthesis.losses import (
     L_AM,
     L_CC,
     L_GAN,
@@ -16,7 +16,7 @@ from cmb_synthesis.losses import (
     critic_input,
     gradient_penalty,
 )
-from cmb_synthesis.networks import CMBCritic, CMBGenerator
+from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
 
 class LinearCritic(nn.Module):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cmb_synthesis.networks import CMBCritic, CMBGenerator
+from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
 
 @pytest.mark.parametrize("output", ["residual", "sigmoid"])

@@ -9,6 +9,7 @@ from monai.data import MetaTensor
 from monai.utils import set_determinism
 from scipy import ndimage, stats
 
+from cmb_synthesis.synthesis.data import lesion_bank
 from transforms.lesion_mask import LesionBank, RandLesionMaskd, allowed_region
 
 SHAPE = (56, 52, 36)
@@ -201,7 +202,7 @@ def test_bank_and_sampler_on_phantom_cohort(tiny_cohort, tmp_path):
 
     from transforms.pipelines import preprocessing
 
-    b = LesionBank.from_datalist(tiny_cohort, split="training")
+    b = lesion_bank(tiny_cohort, split="training")
     items = load_decathlon_datalist(tiny_cohort, True, "training")
     patho = [i for i in items if i["group"] == "pathological"]
     assert b.counts.size == len(patho) and len(b) == int(b.counts.sum()) > 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from cmb_synthesis import weights
+from cmb_synthesis.training import weights
 
 
 class _Evil:
@@ -126,7 +126,7 @@ def test_missing_listed_file_and_cli_module(tmp_path):
         weights.verify_bundle(b)
     assert len(weights.verify_bundle(b, missing_ok=True)) == 1
     out = subprocess.run(
-        [sys.executable, "-m", "cmb_synthesis.weights", "--bundle_dir", str(b), "--missing_ok"],
+        [sys.executable, "-m", "cmb_synthesis.training.weights", "--bundle_dir", str(b), "--missing_ok"],
         capture_output=True,
         encoding="utf-8",
         errors="replace",
@@ -138,10 +138,10 @@ def test_missing_listed_file_and_cli_module(tmp_path):
 
 def test_bundle_inference_refuses_tampered_released_weights(tmp_path):
     """Both bundles' inference load weights through this module: a listed file with a wrong sha256 is refused."""
-    from cmb_synthesis.classifier import build_classifier
-    from cmb_synthesis.detection import load_classifier
-    from cmb_synthesis.networks import CMBGenerator
-    from cmb_synthesis.synthesis_infer import run_inference
+    from cmb_synthesis.detection.classifier import build_classifier
+    from cmb_synthesis.detection.inference import load_classifier
+    from cmb_synthesis.synthesis.networks import CMBGenerator
+    from cmb_synthesis.synthesis.inference import run_inference
 
     b = tmp_path / "bundle"
     (b / "models").mkdir(parents=True)

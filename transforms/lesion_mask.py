@@ -1,6 +1,6 @@
 """Semi-random pathology masks for healthy scans (the paper's ``y_p`` input of ``G_HP``).
 
-:class:`LesionBank` is built once from the pathological training label maps of a datalist: every lesion
+:class:`LesionBank` is built once from the pathological training label maps (``from_items``): every lesion
 (instance) cut out as the bounding-box crop of its binary mask, the lesions-per-scan counts, a location prior
 (a coarse 3-D histogram of lesion centres in brain-bounding-box coordinates, Gaussian-smoothed, plus a floor)
 and, when tissue maps exist, the tissue class at the lesion centres. It is saved as ``.npz`` (no pickle) so
@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import tempfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -173,30 +174,26 @@ class LesionBank:
         return cls(shapes, counts, hist, tf, spacing, sources)
 
     @classmethod
-    def from_datalist(
-        cls, datalist_path: str | os.PathLike, split: str = "training", label_key: str = "label",
-        brainmask_key: str = "brainmask", tissue_key: str | None = "tissue", **kwargs: Any,
+    def from_items(
+        cls, items: Sequence[Mapping[str, Any]], label_key: str = "label", brainmask_key: str = "brainmask",
+        tissue_key: str | None = "tissue", **kwargs: Any,
     ) -> LesionBank:
-        """Build from the ``group == "pathological"`` items of a decathlon datalist split.
+        """Build from pathological items: dicts naming ``label`` (instance labels), ``brainmask`` and optionally
+        ``tissue`` files (e.g. the pathological items of a datalist split).
 
         Files are loaded and reoriented to RAS like :func:`transforms.pipelines.preprocessing`. ``kwargs`` go
         to :meth:`from_arrays` (bins, sigma, floor).
+
+        Raises:
+            ValueError: no item has a ``label``.
         """
-        from monai.data import load_decathlon_datalist
         from monai.transforms import Compose, EnsureChannelFirstd, Orientationd
 
         from .checks import LoadImageCheckedd
 
-        path = Path(datalist_path)
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: datalist not found")
-        try:
-            items = load_decathlon_datalist(str(path), True, split)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot read split {split!r} ({e})") from e
-        items = [i for i in items if i.get("group", "pathological") == "pathological" and i.get(label_key)]
+        items = [i for i in items if i.get(label_key)]
         if not items:
-            raise ValueError(f"{path}: split {split!r} has no pathological items with a {label_key!r} map")
+            raise ValueError(f"LesionBank.from_items: no item has a {label_key!r} map")
         labels, masks, tissues, sources = [], [], [], []
         spacing = None
         for item in items:
@@ -221,19 +218,23 @@ class LesionBank:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the bank to ``path`` (``.npz``, atomically); returns the path."""
-        from cmb_synthesis.io import atomic_output
-
+        """Write the bank to ``path`` (``.npz``; a temporary file renamed into place); returns the path."""
         path = Path(path)
         dims = np.array([s.shape for s in self.shapes], dtype=np.int64)
         flat = np.concatenate([s.ravel() for s in self.shapes]).astype(np.uint8)
-        with atomic_output(path) as tmp:
-            with open(tmp, "wb") as f:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(
                     f, shape_dims=dims, shape_data=flat, counts=self.counts, prior=self.prior,
                     tissue_fraction=self.tissue_fraction, spacing=self.spacing,
                     sources=np.array(json.dumps(self.sources)),
                 )  # fmt: skip
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
         return path
 
     @classmethod

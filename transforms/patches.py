@@ -2,7 +2,7 @@
 
 For patch-wise *inference* with blending, MONAI already has what is needed:
 ``monai.inferers.SlidingWindowInferer(roi_size=(160, 146, 32), overlap=(0, 0, 0.5), mode="gaussian")``
-(``cmb_synthesis.synthesis_infer.synthesize_volume`` builds on the same idea). The helpers here are the
+(``cmb_synthesis.synthesis.inference.synthesize_volume`` builds on the same idea). The helpers here are the
 explicit version used where the patches themselves are needed (GAN training items, tests, figures):
 
 - :func:`z_patch_starts`: start slices of a grid whose neighbours overlap by ``patch_z * overlap`` slices

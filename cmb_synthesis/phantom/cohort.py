@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from cmb_synthesis.io import atomic_directory
+from cmb_synthesis.data.io import atomic_directory
 from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, simulate_subject
 
 __all__ = ["PRESETS", "SPLIT_KEYS", "generate_cohort", "ensure_cohort", "write_subject"]

@@ -9,7 +9,7 @@ budget and validation-based model selection) -> evaluate all six on the same tes
 CI bands) and the paired-bootstrap difference real+synthetic minus real at 10 FP/scan.
 
 Every stage runs a bundle (``python -m monai.bundle run ...``) with overrides, in a folder named by a hash of
-its inputs (:mod:`cmb_synthesis.stages`): rerunning after a change redoes only what changed, and an
+its inputs (:mod:`cmb_synthesis.study.stages`): rerunning after a change redoes only what changed, and an
 interrupted study resumes at the first unfinished stage. Entry point: ``bundles/cmb_detection/configs/study.yaml``
 (run key ``study``) or :func:`run_study`.
 """
@@ -25,9 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from cmb_synthesis import froc
-from cmb_synthesis.io import write_json
-from cmb_synthesis.stages import Stage, StageRunner, run_bundle
+from cmb_synthesis.evaluation.froc import paired_bootstrap_difference
+from cmb_synthesis.evaluation.hits import ScanResult
+from cmb_synthesis.evaluation.report import plot_froc_panels, scan_results_from_csv
+from cmb_synthesis.data.datalist import load_split, read_datalist
+from cmb_synthesis.data.io import atomic_output, write_json
+from cmb_synthesis.study.stages import Stage, StageRunner, run_bundle
 
 __all__ = ["ARMS", "PAPER_TABLE1", "run_study", "subset_datalist", "scan_results", "results_markdown"]
 
@@ -52,19 +55,6 @@ def arm_name(training_data: str, cda: bool) -> str:
     return training_data + ("+cDA" if cda else "")
 
 
-def _abs_items(datalist: Path, split: str) -> list[dict[str, Any]]:
-    data = json.loads(datalist.read_text())
-    out = []
-    for it in data.get(split, []):
-        it = dict(it)
-        for k, v in it.items():
-            if isinstance(v, str) and k in ("image", "label", "brainmask", "tissue", "veins", "lesions"):
-                p = Path(v)
-                it[k] = str(p if p.is_absolute() else (datalist.parent / p).resolve())
-        out.append(it)
-    return out
-
-
 def subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, n_real_pathological: int | None,
                     seed: int) -> dict[str, int]:
     """Write a datalist (absolute paths) keeping ``n_real_pathological`` pathological training scans.
@@ -73,9 +63,9 @@ def subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, n_real_
     ``None`` keeps every scan. Returns the counts.
     """
     src = Path(datalist)
-    data = {k: v for k, v in json.loads(src.read_text()).items() if not isinstance(v, list)}
+    data = {k: v for k, v in read_datalist(src).items() if not isinstance(v, list)}
     for split in ("training", "validation", "test"):
-        data[split] = _abs_items(src, split)
+        data[split] = load_split(src, split, missing_ok=True)
     path = [it for it in data["training"] if it.get("group") == "pathological"]
     healthy = [it for it in data["training"] if it.get("group") != "pathological"]
     if n_real_pathological is not None:
@@ -92,9 +82,9 @@ def subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, n_real_
             "n_validation": len(data["validation"]), "n_test": len(data["test"])}
 
 
-def scan_results(candidates_csv: str | os.PathLike, datalist: str | os.PathLike, split: str = "test") -> list[froc.ScanResult]:
+def scan_results(candidates_csv: str | os.PathLike, datalist: str | os.PathLike, split: str = "test") -> list[ScanResult]:
     """Per-scan matched candidates of a ``candidates.csv`` (for paired comparisons between models)."""
-    return froc.scan_results_from_csv(candidates_csv, datalist, split)
+    return scan_results_from_csv(candidates_csv, datalist, split)
 
 
 def _summary(metrics: Mapping[str, Any]) -> dict[str, Any]:
@@ -283,7 +273,7 @@ def run_study(
         synthetic_dir = runner(st_synth)["synthetic_dir"]
 
         arm_metrics: dict[str, Any] = {}
-        arm_results: dict[str, list[froc.ScanResult]] = {}
+        arm_results: dict[str, list[ScanResult]] = {}
         for td, cda in arms:
             name = arm_name(td, cda)
 
@@ -319,7 +309,7 @@ def run_study(
         for cda in (False, True):
             a, b = arm_name("real+synthetic", cda), arm_name("real", cda)
             if a in arm_results and b in arm_results:
-                differences[f"{a} minus {b}"] = froc.paired_bootstrap_difference(
+                differences[f"{a} minus {b}"] = paired_bootstrap_difference(
                     arm_results[a], arm_results[b], fp_rate=10, n_bootstrap=n_bootstrap, seed=rseed)
         results["repeats"].append({
             "seed": rseed, "counts": counts, "n_synthetic": runner.result(st_synth)["n_synthetic"],
@@ -331,7 +321,7 @@ def run_study(
             panels = [{arm_name(td, c): arm_metrics[arm_name(td, c)] for td, c in arms if c is cda and arm_name(td, c) in arm_metrics}
                       for cda in (False, True)]
             panels = [p for p in panels if p]
-            froc.plot_froc_panels(panels, out / "froc.png",
+            plot_froc_panels(panels, out / "froc.png",
                                   title=["(a) without cDA", "(b) with cDA"][: len(panels)] if len(panels) == 2 else None)
     spread = {}
     for name in results["repeats"][0]["arms"]:
@@ -343,8 +333,6 @@ def run_study(
     results["spread"] = spread
     results["paper"] = PAPER_TABLE1
     write_json(results, out / "results.json")
-    from cmb_synthesis.io import atomic_output
-
     with atomic_output(out / "results.md") as tmp:
         tmp.write_text(results_markdown(results))
     print(f"study finished: {out / 'results.json'}, {out / 'results.md'}, {out / 'froc.png'}", flush=True)

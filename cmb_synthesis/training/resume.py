@@ -1,6 +1,6 @@
 """Fault tolerance: training that is killed (even with SIGKILL) and resumed ends where an uninterrupted run would.
 
-Two Ignite handlers, attached by a bundle's ``train.yaml`` like any MONAI handler:
+Attached by a bundle's ``train.yaml`` like any MONAI handler, or called from it:
 
 - :class:`EpochReseed` reseeds python, NumPy, torch and the random transforms of the data loader's dataset from
   ``(seed, epoch, rank)`` at every ``EPOCH_STARTED``. The random stream of epoch ``e`` then depends only on the
@@ -9,14 +9,14 @@ Two Ignite handlers, attached by a bundle's ``train.yaml`` like any MONAI handle
   ``EPOCH_STARTED``, so shuffling (``RandomSampler``), samplers with their own generator (e.g. a seeded
   ``WeightedRandomSampler``), worker seeds (``num_workers > 0``) and MONAI's ``Randomizable`` transforms are all
   covered. ``DistributedSampler`` is reseeded by MONAI's ``set_epoch``.
-- :class:`ResumeFromLatest` loads, at ``STARTED``, the newest *complete* checkpoint of a folder (see
-  :func:`find_latest_checkpoint`) through MONAI's :class:`~monai.handlers.CheckpointLoader`
-  (``torch.load(..., weights_only=True)``), restoring networks, optimisers and the trainer's epoch/iteration;
-  if the folder has none it does nothing (a fresh start).
+- :func:`latest_checkpoint` finds the newest *complete* checkpoint of a folder; the bundles' ``--resume true``
+  loads it with MONAI's :class:`~monai.handlers.CheckpointLoader` (``torch.load(..., weights_only=True)``),
+  restoring networks, optimisers and the trainer's epoch/iteration.
+- :class:`KeyMetricState` keeps the best validation score across a resume.
 
 With a MONAI ``CheckpointSaver`` writing every epoch, a run killed mid-epoch loses at most that epoch's work.
 MONAI's saver writes in place (not atomically), so a kill during a save can leave a truncated file:
-:func:`find_latest_checkpoint` checks each candidate's zip structure and CRCs and skips broken ones.
+:func:`latest_checkpoint` checks each candidate's zip structure and CRCs and skips broken ones.
 
 Exact equality holds for deterministic kernels (CPU; on GPU pass ``deterministic=True``, which sets
 ``torch.backends.cudnn.deterministic``). ``persistent_workers=True`` loaders keep worker RNG state across
@@ -38,14 +38,14 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from monai.handlers import CheckpointLoader
 from monai.utils import MAX_SEED
 
 PathLike = str | os.PathLike
 
-__all__ = ["epoch_seed", "reseed_tree", "EpochReseed", "ResumeFromLatest", "find_latest_checkpoint", "is_complete_checkpoint"]
+__all__ = ["epoch_seed", "reseed_tree", "EpochReseed", "KeyMetricState", "latest_checkpoint", "is_complete_checkpoint"]
 
-_STEP_RE = re.compile(r"(epoch|iteration)=(\d+)")
+logger = logging.getLogger(__name__)
+
 
 
 def epoch_seed(seed: int, epoch: int, rank: int = 0) -> int:
@@ -182,87 +182,39 @@ def is_complete_checkpoint(path: PathLike) -> bool:
         return False
 
 
-def _step_of(path: Path) -> tuple[int, int]:
-    """Sort key: (epoch-or-iteration number from the name, 1 if it is an epoch count), then mtime decides."""
-    found = _STEP_RE.findall(path.name)
-    if not found:
-        return (-1, 0)
-    kind, value = found[-1]
-    return (int(value), 1 if kind == "epoch" else 0)
+_CKPT_RE = re.compile(r"checkpoint_(?:[a-z_]*_)?(iteration|epoch)=(\d+)\.pt$")
 
 
-def find_latest_checkpoint(
-    directory: PathLike, pattern: str = "*checkpoint_epoch=*.pt", validate: bool = True
-) -> str | None:
-    """Return the newest complete checkpoint in ``directory`` matching ``pattern``, or ``None``.
+def latest_checkpoint(ckpt_dir: PathLike | None, required: bool = False, validate: bool = True) -> str:
+    """The newest complete MONAI ``CheckpointSaver`` interval checkpoint in ``ckpt_dir`` (the bundles' resume).
 
-    "Newest" is the largest ``epoch=N`` (or ``iteration=N``) number in the file name (MONAI ``CheckpointSaver``
-    names epoch checkpoints ``<prefix>_checkpoint_epoch=N.pt``), ties broken by modification time. With
-    ``validate`` a truncated or corrupt file (e.g. the process was killed while saving) is skipped and the
-    previous one is returned. Hidden and temporary files (``.name``) are ignored. A missing folder gives None.
+    Candidates are ``checkpoint_iteration=N.pt`` / ``checkpoint_epoch=N.pt`` (any ``<prefix>_`` before
+    ``iteration``/``epoch``); the largest N wins, or the most recently written file when both kinds are
+    present. With ``validate`` a truncated or corrupt file (the process was killed while saving) is skipped
+    with a warning and the previous one is returned. Hidden and temporary files (``.name``) are ignored.
+
+    Returns:
+        the path, or ``""`` when there is none and not ``required``.
+
+    Raises:
+        FileNotFoundError: ``required`` and there is no complete checkpoint (naming the folder).
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    candidates = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
-    candidates.sort(key=lambda p: (_step_of(p), p.stat().st_mtime), reverse=True)
-    for p in candidates:
+    folder = Path(ckpt_dir) if ckpt_dir else None
+    found = []
+    if folder is not None and folder.is_dir():
+        for p in folder.iterdir():
+            m = _CKPT_RE.search(p.name)
+            if m and p.is_file() and not p.name.startswith("."):
+                found.append((m.group(1), int(m.group(2)), p.stat().st_mtime, p))
+    one_kind = len({f[0] for f in found}) == 1
+    found.sort(key=(lambda f: (f[1], f[2])) if one_kind else (lambda f: f[2]), reverse=True)
+    for *_, p in found:
         if not validate or is_complete_checkpoint(p):
             return str(p)
-        logging.getLogger(__name__).warning(f"{p}: incomplete or corrupt checkpoint, skipped")
-    return None
-
-
-class ResumeFromLatest:
-    """Ignite handler: at ``STARTED`` resume from the newest complete checkpoint in ``checkpoint_dir``, if any.
-
-    Args:
-        checkpoint_dir: where a MONAI ``CheckpointSaver`` writes the epoch checkpoints.
-        load_dict: objects to restore, as saved, e.g. ``{"trainer": @trainer, "G_HP": @G_HP, ...}``; include the
-            trainer so the epoch/iteration counters resume.
-        pattern: file-name glob of the resumable checkpoints (see :func:`find_latest_checkpoint`).
-        enabled: ``False`` turns the handler into a no-op (e.g. a ``resume`` config flag).
-        map_location: passed to ``torch.load`` (weights-only).
-        strict: passed to ``load_state_dict``.
-
-    After the call ``engine.state.resumed_from`` is the loaded path or ``None``.
-    """
-
-    def __init__(
-        self,
-        checkpoint_dir: PathLike,
-        load_dict: Mapping[str, Any],
-        pattern: str = "*checkpoint_epoch=*.pt",
-        enabled: bool = True,
-        map_location: Any = "cpu",
-        strict: bool = True,
-    ) -> None:
-        if not load_dict:
-            raise ValueError("ResumeFromLatest: load_dict must name at least one object to restore")
-        self.checkpoint_dir = Path(checkpoint_dir)
-        self.load_dict = dict(load_dict)
-        self.pattern = pattern
-        self.enabled = bool(enabled)
-        self.map_location = map_location
-        self.strict = strict
-        self.logger = logging.getLogger(__name__)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, self)
-
-    def __call__(self, engine: Engine) -> None:
-        engine.state.resumed_from = None
-        if not self.enabled:
-            return
-        path = find_latest_checkpoint(self.checkpoint_dir, self.pattern)
-        if path is None:
-            self.logger.info(f"no checkpoint matching {self.pattern} in {self.checkpoint_dir}: starting fresh")
-            return
-        CheckpointLoader(
-            load_path=path, load_dict=self.load_dict, map_location=self.map_location, strict=self.strict
-        )(engine)
-        engine.state.resumed_from = path
-        self.logger.info(f"resumed from {path} at epoch {engine.state.epoch}, iteration {engine.state.iteration}")
+        logger.warning("%s: incomplete or corrupt checkpoint, skipped", p)
+    if required:
+        raise FileNotFoundError(f"{folder}: no complete checkpoint_iteration=N.pt or checkpoint_epoch=N.pt to resume from")
+    return ""
 
 
 class KeyMetricState:

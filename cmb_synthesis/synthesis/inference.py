@@ -40,7 +40,11 @@ from monai.networks.utils import eval_mode
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
 from scipy import ndimage
 
-from cmb_synthesis.io import check_not_input, load_nifti, save_nifti, write_json
+from cmb_synthesis.data.io import check_not_input, load_nifti, save_nifti, write_json
+from cmb_synthesis.training.weights import load_network_weights
+from transforms.intensity import invert_percentile_scale
+from transforms.lesion_mask import LesionBank, RandLesionMaskd
+from transforms.pipelines import preprocessing
 
 __all__ = ["synthesize_volume", "find_scans", "load_scan", "run_inference", "ScanJob", "DIRECTIONS"]
 
@@ -65,7 +69,7 @@ def synthesize_volume(
     """Run generator ``G`` over a whole volume patch-wise.
 
     Args:
-        G: ``G_HP`` or ``G_PH`` (:class:`~cmb_synthesis.networks.CMBGenerator`), called on 2-channel patches.
+        G: ``G_HP`` or ``G_PH`` (:class:`~cmb_synthesis.synthesis.networks.CMBGenerator`), called on 2-channel patches.
         image: (1, X, Y, Z) float in [0, 1] (percentile-scaled, RAS); mask: (1, X, Y, Z), non-zero = lesion.
         patch: window size; the paper's 160 x 146 x 32 (volumes smaller than it are padded, larger ones tiled).
         overlap: overlap along z (x and y windows do not overlap when the window spans the plane).
@@ -201,8 +205,6 @@ def load_scan(
     Raises:
         ValueError / FileNotFoundError: naming the file, for unreadable inputs or a missing mask/brain mask.
     """
-    from transforms.pipelines import preprocessing
-
     orig, affine, header = load_nifti(job.image)
     data: dict[str, Any] = {"image": job.image}
     mask_keys: tuple[str, ...] = ()
@@ -222,8 +224,6 @@ def load_scan(
             raise ValueError(f"{job.image}: no mask beside the image and no lesion bank to sample one from")
         if "brainmask" not in data:
             raise ValueError(f"{job.image}: sampling a lesion mask needs a brain mask (<id>_brainmask.nii.gz)")
-        from transforms.lesion_mask import RandLesionMaskd
-
         sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions)
         sampler.set_random_state(_scan_seed(seed, job.id))
         data = sampler(data)
@@ -259,8 +259,6 @@ def _process(
     device: Any,
     amp: bool,
 ) -> dict[str, str]:
-    from transforms.intensity import invert_percentile_scale
-
     scan = load_scan(job, direction, bank, n_lesions, seed)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
     orig, affine, header = scan["orig"], scan["affine"], scan["header"]
@@ -309,7 +307,7 @@ def run_inference(
         output_dir: where outputs go (created). Never the inputs' files.
         G_HP, G_PH: the generator for the chosen direction (built by the config).
         ckpt_dir: if given, ``G_HP.pt`` / ``G_PH.pt`` are loaded from it (weights only, sha256-checked against
-            the bundle's ``large_files.yml`` when listed, via :func:`cmb_synthesis.weights.load_network_weights`).
+            the bundle's ``large_files.yml`` when listed, via :func:`cmb_synthesis.training.weights.load_network_weights`).
         lesion_bank: a ``LesionBank`` or the path of a saved ``.npz`` for scans without a mask; None = masks
             must be given.
         n_lesions: lesions per sampled mask (None: the sampler's default); seed: sampling seed.
@@ -328,8 +326,6 @@ def run_inference(
     if G is None:
         raise ValueError(f"direction {direction!r} needs the generator {name}")
     if ckpt_dir is not None:
-        from cmb_synthesis.weights import load_network_weights
-
         weights = Path(ckpt_dir) / f"{name}.pt"
         if not weights.is_file():
             raise FileNotFoundError(f"{weights}: trained {name} weights not found (train the bundle first)")
@@ -337,8 +333,6 @@ def run_inference(
     if device is not None:
         G = G.to(device)
     if isinstance(lesion_bank, (str, Path)):
-        from transforms.lesion_mask import LesionBank
-
         if not Path(lesion_bank).is_file():
             if direction == "pathological":
                 logger.warning("%s: no lesion bank; only scans with a mask beside them can be processed", lesion_bank)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cmb_synthesis.io import write_json
+from cmb_synthesis.data.io import write_json
 
 __all__ = ["Stage", "StageRunner", "hash_files", "run_bundle"]
 

@@ -13,8 +13,8 @@ This module reads and checks that file, refuses any listed weight file whose sha
 names the file, the expected and the actual hash), and loads checkpoints only with
 ``torch.load(..., weights_only=True)`` (no pickled code is ever executed). Command line::
 
-    python -m cmb_synthesis.weights --bundle_dir bundles/cmb_synthesis            # verify
-    python -m cmb_synthesis.weights --bundle_dir bundles/cmb_synthesis --update   # rewrite from models/
+    python -m cmb_synthesis.training.weights --bundle_dir bundles/cmb_synthesis            # verify
+    python -m cmb_synthesis.training.weights --bundle_dir bundles/cmb_synthesis --update   # rewrite from models/
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from cmb_synthesis.io import atomic_output
+from cmb_synthesis.data.io import atomic_output
 
 PathLike = str | os.PathLike
 
@@ -158,7 +158,7 @@ def verify_file(path: PathLike, expected: str, hash_type: str = "sha256") -> str
         raise WeightsHashError(
             f"{path}: {hash_type} mismatch, refusing to use these weights: expected {str(expected).lower()}, "
             f"actual {actual}. Download the released file again, or if you trained it yourself run "
-            f"'python -m cmb_synthesis.weights --bundle_dir <bundle> --update'."
+            f"'python -m cmb_synthesis.training.weights --bundle_dir <bundle> --update'."
         )
     return actual
 
@@ -167,7 +167,7 @@ def verify_bundle(bundle_dir: PathLike, missing_ok: bool = False) -> list[Path]:
     """Verify every file listed in ``bundle_dir/large_files.yml``; return the verified paths.
 
     Bundle configs can call it before loading weights, e.g.
-    ``"$cmb_synthesis.weights.verify_bundle(@bundle_root)"``.
+    ``"$cmb_synthesis.training.weights.verify_bundle(@bundle_root)"``.
 
     Args:
         bundle_dir: the bundle folder (holding ``large_files.yml``).
@@ -261,7 +261,7 @@ def update_large_files(
         entries.append({"path": rel, "url": url, "hash_val": sha256_file(f), "hash_type": "sha256"})
     text = (
         "# Released weights of this bundle (MONAI model-zoo format). Weights whose sha256 differs are refused.\n"
-        "# Regenerate: python -m cmb_synthesis.weights --bundle_dir <bundle> --update\n"
+        "# Regenerate: python -m cmb_synthesis.training.weights --bundle_dir <bundle> --update\n"
         + yaml.safe_dump({"large_files": entries}, sort_keys=False)
     )
     with atomic_output(lf_path) as tmp:
@@ -337,7 +337,7 @@ def load_network_weights(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI: verify (default) or rewrite (``--update``) ``<bundle_dir>/large_files.yml``; return exit status."""
-    parser = argparse.ArgumentParser(prog="python -m cmb_synthesis.weights", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m cmb_synthesis.training.weights", description=__doc__.split("\n")[0])
     parser.add_argument("--bundle_dir", required=True, help="bundle folder holding models/ and large_files.yml")
     parser.add_argument("--update", action="store_true", help="rewrite large_files.yml from the files in models/")
     parser.add_argument("--url_base", default=None, help="with --update: URL prefix for newly listed files")

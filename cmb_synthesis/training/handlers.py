@@ -6,14 +6,12 @@
   one image in TensorBoard.
 - :class:`ExportNetworks`: ``G_HP.pt``, ``G_PH.pt``, ... (state dicts) written atomically when training ends.
 - :class:`MetricsJSONWriter`: the evaluator's metrics (every validation round, with history) to a JSON file.
-- :func:`latest_checkpoint`: the newest ``checkpoint_iteration=N.pt`` in a folder (the resume override).
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -23,36 +21,10 @@ import numpy as np
 import torch
 from ignite.engine import Engine, Events
 
-from cmb_synthesis.io import atomic_output, write_json
+from cmb_synthesis.data.io import atomic_output, write_json
+from cmb_synthesis.training.resume import latest_checkpoint
 
-__all__ = ["NonFiniteLossGuard", "SynthesisImageGrid", "ExportNetworks", "MetricsJSONWriter", "latest_checkpoint"]
-
-_CKPT = re.compile(r"checkpoint_(?:[a-z_]*_)?(iteration|epoch)=(\d+)\.pt$")
-
-
-def latest_checkpoint(ckpt_dir: str | Path, required: bool = True) -> str:
-    """Path of the newest MONAI ``CheckpointSaver`` interval checkpoint in ``ckpt_dir``:
-    ``checkpoint_iteration=N.pt`` (iteration-level savers) or ``checkpoint_epoch=N.pt`` (epoch-level), the
-    largest N; if both kinds are present, the most recently written file.
-
-    Raises:
-        FileNotFoundError: ``required`` and there is none (returns "" otherwise).
-    """
-    ckpt_dir = Path(ckpt_dir)
-    found = []
-    if ckpt_dir.is_dir():
-        for p in ckpt_dir.iterdir():
-            m = _CKPT.search(p.name)
-            if m and not p.name.startswith("."):
-                found.append((m.group(1), int(m.group(2)), p.stat().st_mtime, p))
-    if not found:
-        if required:
-            raise FileNotFoundError(f"{ckpt_dir}: no checkpoint_iteration=N.pt or checkpoint_epoch=N.pt to resume from")
-        return ""
-    if len({f[0] for f in found}) == 1:
-        return str(max(found, key=lambda f: f[1])[3])
-    return str(max(found, key=lambda f: f[2])[3])
-
+__all__ = ["NonFiniteLossGuard", "SynthesisImageGrid", "ExportNetworks", "MetricsJSONWriter"]
 
 class NonFiniteLossGuard:
     """Stop training when any numeric value in ``engine.state.output`` is NaN or Inf.

@@ -5,7 +5,7 @@ for ``D_P`` and ``D_H`` and one generator step for ``G_HP`` and ``G_PH``. Everyt
 resume, logging, TensorBoard, validation, the NaN guard, progress bar) is attached as handlers by the bundle
 config, as in any MONAI workflow.
 
-Batch format (a dict of (B, 1, X, Y, Z) tensors, see :mod:`cmb_synthesis.synthesis_data`): ``x_h`` healthy
+Batch format (a dict of (B, 1, X, Y, Z) tensors, see :mod:`cmb_synthesis.synthesis.data`): ``x_h`` healthy
 patch in [0, 1], ``y_hp`` its sampled lesion mask, ``brainmask_h``; ``x_p`` pathological patch, ``y_p`` its
 lesion mask, ``brainmask_p``; ``x_p2`` an independent pathological patch (the critic's real sample) and ``y_p2``
 its mask (needed by mask-conditioned critics).
@@ -26,8 +26,8 @@ from monai.engines.workflow import Workflow
 from monai.networks.utils import eval_mode, train_mode
 from monai.utils.enums import ForwardMode
 
-from cmb_synthesis.losses import CriticObjective, GeneratorObjective
-from cmb_synthesis.synthesis_metrics import synthesis_stats
+from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorObjective
+from cmb_synthesis.synthesis.metrics import synthesis_stats
 
 __all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "LOSS_KEYS", "BATCH_KEYS"]
 
@@ -65,16 +65,16 @@ class CycleGANTrainer(Trainer):
         device: where the networks and batches live.
         max_epochs: epochs to run; ``epoch_length`` iterations each (default: the loader's length).
         train_data_loader: yields batches as described in the module docstring.
-        G_HP, G_PH: generators (:class:`~cmb_synthesis.networks.CMBGenerator`), possibly DDP-wrapped.
-        D_P, D_H: critics (:class:`~cmb_synthesis.networks.CMBCritic`), possibly DDP-wrapped.
+        G_HP, G_PH: generators (:class:`~cmb_synthesis.synthesis.networks.CMBGenerator`), possibly DDP-wrapped.
+        D_P, D_H: critics (:class:`~cmb_synthesis.synthesis.networks.CMBCritic`), possibly DDP-wrapped.
         g_optimizer: optimiser over both generators' parameters.
         d_optimizer: optimiser over both critics' parameters.
         n_critic: critic steps per generator step (WGAN-GP: 5). The critic steps reuse the iteration's real
             samples and the fakes of the current generators (one data batch per Ignite iteration) with a
             fresh interpolation ``eps`` each step.
-        lambda_cc, lambda_id, lambda_am, lambda_gp, am_in_hph: loss weights, see :mod:`cmb_synthesis.losses`.
+        lambda_cc, lambda_id, lambda_am, lambda_gp, am_in_hph: loss weights, see :mod:`cmb_synthesis.synthesis.losses`.
         critic_mask: mask-conditioned critics (2 input channels; the batch then needs ``y_p2``), see
-            :mod:`cmb_synthesis.losses`. False: the paper's image-only critics.
+            :mod:`cmb_synthesis.synthesis.losses`. False: the paper's image-only critics.
         critic_objective_P, critic_objective_H, generator_objective: pre-built (e.g. DDP-wrapped) objective
             modules; built from the networks and weights when None.
         amp: autocast in ``amp_dtype`` (bf16 by default, no grad scaler needed); the gradient penalty stays fp32.
@@ -222,8 +222,8 @@ class CycleGANTrainer(Trainer):
 
 class SynthesisEvaluator(Evaluator):
     """Validation evaluator: runs ``G_HP`` on healthy patches with sampled masks and ``G_PH`` on pathological
-    patches with their masks, and outputs :func:`~cmb_synthesis.synthesis_metrics.synthesis_stats` sums that
-    :class:`~cmb_synthesis.synthesis_metrics.SynthesisMetric` metrics turn into identity / fidelity / removal.
+    patches with their masks, and outputs :func:`~cmb_synthesis.synthesis.metrics.synthesis_stats` sums that
+    :class:`~cmb_synthesis.synthesis.metrics.SynthesisMetric` metrics turn into identity / fidelity / removal.
 
     Batches carry ``x_h``, ``y_hp``, ``brainmask_h``, ``x_p``, ``y_p``, ``brainmask_p`` (no ``x_p2``).
     """

@@ -22,11 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.data import CacheDataset, load_decathlon_datalist
+from monai.data import CacheDataset
 from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, Lambdad, Randomizable, RandCropByPosNegLabeld, RandWeightedCropd
 
+from cmb_synthesis.data.datalist import load_groups, load_split, split_groups
+from transforms.lesion_mask import LesionBank, RandLesionMaskd
+from transforms.pipelines import preprocessing
+
 __all__ = [
-    "load_groups",
+    "lesion_bank",
     "healthy_patch_transforms",
     "pathological_patch_transforms",
     "CycleGANPatchDataset",
@@ -35,34 +39,23 @@ __all__ = [
 ]
 
 
-def load_groups(datalist: str | Path, split: str = "training") -> tuple[list[dict], list[dict]]:
-    """(healthy items, pathological items) of ``split`` of a decathlon-style ``datalist.json`` (absolute paths).
+def lesion_bank(datalist: str | Path, split: str = "training", **kwargs: Any) -> LesionBank:
+    """The :class:`~transforms.lesion_mask.LesionBank` of the pathological items of ``split`` (``kwargs``:
+    ``bins``, ``sigma``, ``floor``).
 
     Raises:
-        FileNotFoundError: the datalist does not exist.
-        ValueError: the split is missing or has no healthy or no pathological item.
+        FileNotFoundError: the datalist or a file it names is missing. ValueError: no pathological item with a
+        ``label``.
     """
-    datalist = Path(datalist)
-    if not datalist.is_file():
-        raise FileNotFoundError(f"{datalist}: datalist does not exist")
-    try:
-        items = load_decathlon_datalist(str(datalist), True, split)
-    except Exception as e:
-        raise ValueError(f"{datalist}: cannot read split {split!r} ({e})") from e
-    healthy = [dict(i) for i in items if i.get("group") == "healthy"]
-    patho = [dict(i) for i in items if i.get("group") == "pathological"]
-    if not healthy or not patho:
-        raise ValueError(
-            f"{datalist}: split {split!r} needs healthy and pathological items, has {len(healthy)} healthy and "
-            f"{len(patho)} pathological"
-        )
-    return healthy, patho
+    _, patho = split_groups(load_split(datalist, split))
+    patho = [i for i in patho if i.get("label")]
+    if not patho:
+        raise ValueError(f"{datalist}: split {split!r} has no pathological items with a 'label' map")
+    return LesionBank.from_items(patho, **kwargs)
 
 
 def _preprocessing(items: Sequence[dict] = ()) -> Compose:
     """Training preprocessing; the tissue map is carried along (it guides lesion placement) when every item has one."""
-    from transforms.pipelines import preprocessing
-
     extra = ("tissue",) if items and all(i.get("tissue") for i in items) else ()
     return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",), extra_keys=extra)
 
@@ -98,8 +91,6 @@ def healthy_patch_transforms(
     """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches
     each centred on a random lesion voxel (``RandWeightedCropd`` on the binary mask; one mask sample serves
     several crops because sampling is the costly step). Returns a list of ``crops_per_mask`` dicts."""
-    from transforms.lesion_mask import RandLesionMaskd
-
     return Compose(
         [
             RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions),

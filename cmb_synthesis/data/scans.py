@@ -21,23 +21,26 @@ their outputs are NIfTI files in the series' patient space (DICOM has no NIfTI h
 
 from __future__ import annotations
 
-import os
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
+from monai.data import MetaTensor
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
-from cmb_synthesis.io import check_not_input, save_nifti
+from cmb_synthesis.data.brainmask import estimate_brainmask
+from cmb_synthesis.data.labels import as_instance_labels
+from cmb_synthesis.data.io import PathLike, check_not_input, save_nifti
+from cmb_synthesis.data.naming import scan_id_of
+from transforms.pipelines import preprocessing
 
-PathLike = str | os.PathLike
+logger = logging.getLogger(__name__)
 
-__all__ = ["CanonicalImage", "is_dicom", "read_image", "to_canonical", "from_canonical", "write_like", "main"]
-
-_NIFTI_SUFFIXES = (".nii", ".nii.gz", ".img", ".hdr")
-
+__all__ = ["CanonicalImage", "is_dicom", "read_image", "to_canonical", "from_canonical", "write_like", "load_scan"]
 
 @dataclass
 class CanonicalImage:
@@ -268,61 +271,72 @@ def write_like(
     return save_nifti(data, ref.source_affine, out_path, header=header, overwrite=overwrite)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Command line: bring an external scan to the model's frame, and results back to the scan's.
+def _meta_tensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)), affine=torch.as_tensor(affine, dtype=torch.float64),
+                      meta={"filename_or_obj": source, "original_channel_dim": "no_channel"})
 
-    ``python -m cmb_synthesis.external to-canonical INPUT OUT.nii.gz [--spacing 0.98 0.98 1.0] [--order 1]``
-        INPUT (NIfTI file or DICOM series folder) as a NIfTI in closest-canonical RAS orientation, resampled
-        to ``--spacing`` when given (e.g. thick-slice SWI to the paper's 0.98 x 0.98 x 1 mm).
-    ``python -m cmb_synthesis.external back RESULT.nii.gz REFERENCE OUT.nii.gz [--spacing ...] [--order 0]``
-        a result computed on ``to-canonical``'s output (same ``--spacing``) written in REFERENCE's voxel grid,
-        affine and header.
 
-    Outputs are written atomically; existing outputs are kept unless ``--overwrite``; inputs are never
-    overwritten. Returns the exit status (1 with a message naming the file on bad input).
+def load_scan(
+    image: PathLike,
+    brainmask: PathLike | None = None,
+    label: PathLike | None = None,
+    scan_id: str | None = None,
+    lower: float = 0.0,
+    upper: float = 99.5,
+    estimate_mask: bool = True,
+) -> dict[str, Any]:
+    """Load and preprocess one scan for the detector.
+
+    Args:
+        image: SWI NIfTI file or DICOM series (folder).
+        brainmask: 0/1 brain mask on the image's grid; ``None``: :func:`estimate_brainmask` (if
+            ``estimate_mask``, else a ``ValueError``).
+        label: CMB instance labels on the image's grid (optional; training/evaluation).
+        scan_id: identifier (default from the file name, see :func:`scan_id_of`).
+        lower, upper: intensity percentiles (inside the brain mask) mapped to 0 and 1.
+
+    Returns:
+        dict with ``image`` (1, X, Y, Z) float32 MetaTensor in [0, 1], RAS; ``brainmask`` (1, X, Y, Z) uint8;
+        ``label`` (1, X, Y, Z) int32 or None; ``spacing`` (3,) mm; ``affine`` (4, 4) of the RAS grid;
+        ``canonical`` (:class:`cmb_synthesis.data.scans.CanonicalImage`, to go back to the input's grid);
+        ``id``, ``source`` (path), ``mask_source`` ("file" or "estimated").
+
+    Raises:
+        FileNotFoundError / ValueError naming the file (missing, unreadable, NaN, masks on another grid, ...).
     """
-    import argparse
-    import sys
-
-    parser = argparse.ArgumentParser(prog="python -m cmb_synthesis.external", description=main.__doc__.split("\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    to = sub.add_parser("to-canonical", help="NIfTI/DICOM -> canonical RAS NIfTI (optionally resampled)")
-    to.add_argument("input")
-    to.add_argument("output")
-    back = sub.add_parser("back", help="canonical-grid result -> the reference scan's grid and header")
-    back.add_argument("result")
-    back.add_argument("reference")
-    back.add_argument("output")
-    for p in (to, back):
-        p.add_argument("--spacing", type=float, nargs=3, default=None, help="voxel size in mm of the canonical grid")
-        p.add_argument("--order", type=int, default=None, help="interpolation order (default: 1 images, 0 labels)")
-        p.add_argument("--overwrite", action="store_true", help="replace an existing output")
-    args = parser.parse_args(argv)
-    try:
-        if args.command == "to-canonical":
-            out = Path(args.output)
-            check_not_input(out, [args.input])
-            if out.exists() and not args.overwrite:
-                raise FileExistsError(f"{out}: output exists (use --overwrite to replace it)")
-            can = to_canonical(args.input, spacing=args.spacing, order=1 if args.order is None else args.order, dtype=None)
-            data = can.array
-            save_nifti(data, can.affine, out, overwrite=True)
-            print(f"wrote {out}: shape {data.shape}, spacing {tuple(round(s, 4) for s in can.spacing)} mm, RAS")
-        else:
-            ref = to_canonical(args.reference, spacing=args.spacing, dtype=None)
-            res = nib.load(str(args.result))
-            if not np.allclose(res.affine, ref.affine, atol=1e-3):
-                raise ValueError(
-                    f"{args.result}: not on the canonical grid of {args.reference} (affine differs; same --spacing?)"
-                )
-            out = write_like(np.asanyarray(res.dataobj), ref, args.output, order=args.order, overwrite=args.overwrite,
-                             inputs=(args.result,))
-            print(f"wrote {out}: in the space of {args.reference}")
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    can = to_canonical(image, dtype=np.float32)
+    data: dict[str, Any] = {"image": _meta_tensor(can.array, can.affine, str(image))}
+    mask_keys: tuple[str, ...] = ("brainmask",)
+    if brainmask is not None:
+        bm = to_canonical(brainmask, dtype=None)
+        data["brainmask"] = _meta_tensor(bm.array, bm.affine, str(brainmask))
+        mask_source = "file"
+    elif estimate_mask:
+        data["brainmask"] = _meta_tensor(estimate_brainmask(can.array, can.spacing), can.affine, f"{image} (estimated mask)")
+        mask_source = "estimated"
+    else:
+        raise ValueError(f"{image}: no brain mask given")
+    label_keys: tuple[str, ...] = ()
+    label_split = False
+    if label is not None:
+        lab = to_canonical(label, dtype=None)
+        instances, label_split = as_instance_labels(lab.array, str(label))
+        if label_split:
+            logger.warning("%s: binary lesion mask split into %d connected components (one lesion each)", label,
+                           int(instances.max()))
+        data["label"] = _meta_tensor(instances.astype(np.int32), lab.affine, str(label))
+        label_keys = ("label",)
+    d = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys, lower=lower, upper=upper,
+                      load=False)(data)
+    return {
+        "image": d["image"],
+        "brainmask": d["brainmask"],
+        "label": d.get("label"),
+        "spacing": tuple(float(s) for s in can.spacing),
+        "affine": np.asarray(can.affine, dtype=np.float64),
+        "canonical": can,
+        "id": scan_id or scan_id_of(image),
+        "source": str(image),
+        "mask_source": mask_source,
+        "label_split": label_split,
+    }
