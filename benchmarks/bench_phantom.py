@@ -2,7 +2,7 @@
 
     OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--out results.json]
 
-Target (issue 2): at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
+Target: at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
 process) is timed separately.
 """
 

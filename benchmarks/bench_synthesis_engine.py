@@ -23,8 +23,8 @@ import time
 import torch
 from ignite.engine import Events
 
-from cmb_synthesis.synthesis.engine import CycleGANTrainer
-from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorObjective
+from cmb_synthesis.synthesis.engine import CycleGANTrainer, loss_output
+from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorObjective, paper_terms
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
 PRESETS = {
@@ -44,6 +44,14 @@ def make(preset: dict, device: torch.device, seed: int = 0):
     return nets, go, do
 
 
+def objectives(preset: dict, nets: list) -> tuple[CriticObjective, CriticObjective, GeneratorObjective]:
+    """The configs' objectives: both critics' WGAN-GP and the generators' default terms (configs/train.yaml)."""
+    g1, g2, d1, d2 = nets
+    cm = preset["critic_mask"]
+    gen = GeneratorObjective(g1, g2, d1, d2, paper_terms(critic_mask=cm))
+    return CriticObjective(d1, critic_mask=cm), CriticObjective(d2, critic_mask=cm), gen
+
+
 def batch(preset: dict, device: torch.device) -> dict:
     b, s = preset["batch"], preset["patch"]
     y = torch.zeros(b, 1, *s)
@@ -58,9 +66,9 @@ def batch(preset: dict, device: torch.device) -> dict:
 
 
 def bare_loop(preset, device, data, iters, amp):
-    (g1, g2, d1, d2), go, do = make(preset, device)
-    cm = preset["critic_mask"]
-    cp, ch, gen = CriticObjective(d1), CriticObjective(d2), GeneratorObjective(g1, g2, d1, d2, critic_mask=cm)
+    nets, go, do = make(preset, device)
+    g1, g2, d1, d2 = nets
+    cp, ch, gen = objectives(preset, nets)
     ac = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp)  # noqa: E731
     times = []
     for _ in range(iters):
@@ -71,8 +79,7 @@ def bare_loop(preset, device, data, iters, amp):
         for _ in range(preset["n_critic"]):
             do.zero_grad(set_to_none=True)
             with ac():
-                mp, mh = ((b["y_p2"], b["y_hp"]), (b["y_hp"], b["y_p"])) if cm else ((None, None), (None, None))
-                op, oh = cp(b["x_p2"], fp, *mp), ch(b["x_h"], fh, *mh)
+                op, oh = cp(b["x_p2"], fp, b["y_p2"], b["y_hp"]), ch(b["x_h"], fh, b["y_hp"], b["y_p"])
             (op["loss"].float() + oh["loss"].float()).backward()
             do.step()
         for p in list(d1.parameters()) + list(d2.parameters()):
@@ -84,8 +91,7 @@ def bare_loop(preset, device, data, iters, amp):
         go.step()
         for p in list(d1.parameters()) + list(d2.parameters()):
             p.requires_grad_(True)
-        _ = {k: v.item() for k, v in g.items() if k in ("G", "CC", "ID", "AM", "GAN")}
-        _ = (op["loss"].item(), oh["loss"].item(), op["gp"].item(), oh["gp"].item())
+        _ = loss_output(g, op, oh)
         if device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)
@@ -93,9 +99,9 @@ def bare_loop(preset, device, data, iters, amp):
 
 
 def engine_loop(preset, device, data, iters, amp):
-    (g1, g2, d1, d2), go, do = make(preset, device)
-    tr = CycleGANTrainer(device, 1, [data] * iters, g1, g2, d1, d2, go, do, n_critic=preset["n_critic"], amp=amp,
-                         critic_mask=preset["critic_mask"])  # fmt: skip
+    nets, go, do = make(preset, device)
+    tr = CycleGANTrainer(device, 1, [data] * iters, *nets, go, do, *objectives(preset, nets), n_critic=preset["n_critic"],
+                         amp=amp)  # fmt: skip
     times, t0 = [], [0.0]
     tr.add_event_handler(Events.ITERATION_STARTED, lambda e: t0.__setitem__(0, time.perf_counter()))
 

@@ -3,9 +3,11 @@ pseudo-healthy (G_PH), each with a close-up around a lesion, on the axial slice 
 
     python scripts/synthesis_montage.py [--bundle_dir bundles/cmb_synthesis] [--datalist DATALIST]
         [--split validation] [--seed 0] [--output bundles/cmb_synthesis/docs/synthesis_montage.png]
+        [--config bundles/cmb_synthesis/configs/paper.yaml]
 
 Uses the trained ``models/G_HP.pt``, ``models/G_PH.pt`` and ``models/lesion_bank.npz`` and the generator
-widths of ``configs/train.yaml`` (pass ``--config configs/paper.yaml`` values via --g_channels etc. if needed).
+definition ``G_def`` of ``configs/train.yaml`` (merged with the ``--config`` overlays, e.g. ``paper.yaml`` for
+networks trained with the paper preset).
 """
 
 from __future__ import annotations
@@ -20,10 +22,9 @@ import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-import yaml  # noqa: E402
+from monai.bundle import ConfigParser  # noqa: E402
 
 from cmb_synthesis.data.io import atomic_output  # noqa: E402
-from cmb_synthesis.synthesis.networks import CMBGenerator  # noqa: E402
 from cmb_synthesis.synthesis.inference import find_scans, load_scan, synthesize_volume  # noqa: E402
 from cmb_synthesis.training.weights import load_network_weights  # noqa: E402
 
@@ -60,13 +61,12 @@ def main() -> None:
     ap.add_argument("--n_lesions", type=int, default=None)
     ap.add_argument("--output", default=None)
     ap.add_argument("--ckpt", default=None, help="a checkpoint_iteration=N.pt to use instead of models/G_HP.pt, G_PH.pt")
+    ap.add_argument("--config", action="append", default=[], help="config overlays merged over configs/train.yaml")
     args = ap.parse_args()
     bundle = Path(args.bundle_dir)
-    cfg = yaml.safe_load((bundle / "configs" / "train.yaml").read_text())
-    gen = lambda: CMBGenerator(  # noqa: E731
-        channels=cfg["g_channels"], n_res_blocks=cfg["g_res_blocks"], stem_kernel=cfg["g_stem_kernel"],
-        output=cfg["g_output"], norm=cfg.get("g_norm", "instance"),
-    )
+    parser = ConfigParser()
+    parser.read_config([str(bundle / "configs" / "train.yaml"), *args.config])
+    gen = parser.get_parsed_content("G_def")  # builds a freshly initialised generator per call
     if args.ckpt:
         G_HP = load_network_weights(gen(), args.ckpt, key="G_HP")
         G_PH = load_network_weights(gen(), args.ckpt, key="G_PH")

@@ -31,7 +31,7 @@ from monai.data import load_decathlon_datalist  # noqa: E402
 from cmb_synthesis.data.io import atomic_output  # noqa: E402
 from transforms.augment import classical_augmentation  # noqa: E402
 from cmb_synthesis.synthesis.data import lesion_bank  # noqa: E402
-from transforms.lesion_mask import LesionBank, RandLesionMaskd  # noqa: E402
+from transforms.lesion_mask import RandLesionMaskd  # noqa: E402
 from transforms.pipelines import preprocessing  # noqa: E402
 
 

@@ -1,12 +1,17 @@
-"""Shared fixtures: one tiny phantom cohort per test session (generated once, reused by every test)."""
+"""Shared fixtures: one tiny phantom cohort per test session (generated once, reused by every test), and the
+MONAI bundle metadata schema."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+
+# The MONAI model-zoo metadata schema, kept in the ``shared`` folder beside the repository (never downloaded).
+META_SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "monai" / "meta_schema_20240725.json"
 
 TINY_SPLIT = dict(
     n_train_pathological=3,
@@ -25,3 +30,15 @@ def tiny_cohort(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("cohort") / "phantom"
     return str(generate_cohort(out, preset="default", seed=7, **TINY_SPLIT))
+
+
+@pytest.fixture(scope="session")
+def meta_schema() -> str:
+    """Path of the bundle metadata JSON schema (``../shared/monai/meta_schema_20240725.json`` relative to the
+    repository root); fails, naming the expected path, when the file is missing."""
+    if not META_SCHEMA.is_file():
+        pytest.fail(
+            f"MONAI metadata schema not found: expected {META_SCHEMA} (the 'shared' folder beside the repository; "
+            "copy meta_schema_20240725.json there, it is not downloaded)"
+        )
+    return str(META_SCHEMA)

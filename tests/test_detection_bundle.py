@@ -1,9 +1,10 @@
 """The cmb_detection bundle end to end in a tiny configuration: train (real+synthetic, cDA), evaluate, infer
-on external scans (one of them bad), metadata."""
+on external scans (one of them bad), metadata; evaluate.yaml and inference.yaml as overlays over train.yaml."""
 
 from __future__ import annotations
 
 import csv
+import inspect
 import json
 import shutil
 from pathlib import Path
@@ -17,12 +18,98 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "cmb_detection" / "configs"
 NET = dict(device="cpu", channels=[4, 8], strides=[2, 2], num_res_units=1, patch_size=[24, 24, 16])
 TINY_TRAIN = dict(batch_size=8, epoch_length=3, max_epochs=2, val_interval=1)
+EVALUATE = ["train.yaml", "evaluate.yaml"]
+INFERENCE = ["train.yaml", "inference.yaml"]
+# what train.yaml alone defines: the network, the candidate and patch settings, the device and the folders
+TRAIN_ONLY = {"network_def", "network_name", "channels", "strides", "num_res_units", "dropout", "patch_size", "frst",
+              "device", "bundle_root", "ckpt_dir", "cache_dir", "datalist", "seed"}
 
 
-def _run(key: str, config: str, bundle_root: Path, **overrides) -> None:
+def _run(key: str, configs: str | list[str], bundle_root: Path, **overrides) -> None:
+    """``monai.bundle run key`` with ``configs`` (names in configs/, merged in order) and the tiny network."""
     from monai.bundle import run
 
-    run(key, config_file=str(CONFIGS / config), bundle_root=str(bundle_root), **{**NET, **overrides})
+    files = [str(CONFIGS / c) for c in ([configs] if isinstance(configs, str) else configs)]
+    run(key, config_file=files, bundle_root=str(bundle_root), **{**NET, **overrides})
+
+
+def _forbid_training_data(monkeypatch) -> None:
+    """Make generating the phantom cohort or building a training/validation candidate set fail."""
+    import cmb_synthesis.detection.training
+    import cmb_synthesis.phantom
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("a run of the trained model evaluated a training-only config item")
+
+    monkeypatch.setattr(cmb_synthesis.phantom, "ensure_cohort", forbidden)
+    monkeypatch.setattr(cmb_synthesis.detection.training, "build_candidate_set", forbidden)
+
+
+@pytest.mark.parametrize("overlay,key,function", [("evaluate.yaml", "evaluate", "run_evaluation"),
+                                                  ("inference.yaml", "infer", "run_inference")])
+def test_overlays_list_every_argument_and_take_the_network_from_train_yaml(overlay, key, function):
+    """evaluate.yaml / inference.yaml define no network or candidate settings of their own; their run is a
+    component listing every argument of its function, each overridable by id; train.yaml's settings (and
+    paper.yaml's, merged between them) reach it."""
+    from monai.bundle import ConfigParser
+
+    from cmb_synthesis.detection import inference
+    from transforms import frst
+
+    assert not TRAIN_ONLY & set(ConfigParser.load_config_file(str(CONFIGS / overlay)))
+    p = ConfigParser()
+    p.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / overlay)])
+    component = p[key]
+    assert component["_target_"] == f"cmb_synthesis.detection.inference.{function}"
+    assert set(component) - {"_target_"} == set(inspect.signature(getattr(inference, function)).parameters)
+    assert component["network"] == "@network" and p["network"]["network"] == "@network_def"
+    assert p["network"]["_target_"] == "cmb_synthesis.detection.inference.load_classifier"
+    # train.yaml lists the FRST settings at the transform's defaults
+    assert p["frst"] == {"radii_mm": list(frst.DEFAULT_RADII_MM), "alpha": frst.DEFAULT_ALPHA, "beta": frst.DEFAULT_BETA,
+                         "presmooth_sigma_mm": frst.DEFAULT_PRESMOOTH_SIGMA_MM,
+                         "min_distance_mm": frst.DEFAULT_MIN_DISTANCE_MM, "max_candidates": frst.DEFAULT_MAX_CANDIDATES,
+                         "snap_radius_mm": frst.DEFAULT_SNAP_RADIUS_MM}
+    p.update({f"{key}#batch_size": 7, "frst#max_candidates": 5, "device": "cpu"})
+    p.parse()
+    assert p.get_parsed_content(f"{key}#batch_size") == 7
+    assert p.get_parsed_content(f"{key}#frst")["max_candidates"] == 5
+    assert p.get_parsed_content(f"{key}#patch_size") == [32, 32, 16]
+    # the command-line check first, then determinism; creates no bundle folder
+    assert p["initialize"] == ["$cmb_synthesis.bundle_utils.command_line()", "$monai.utils.set_determinism(seed=@seed)"]
+
+    paper = ConfigParser()
+    paper.read_config([str(CONFIGS / n) for n in ("train.yaml", "paper.yaml", overlay)])
+    paper.parse()
+    assert paper.get_parsed_content(f"{key}#patch_size") == [32, 32, 32] and paper["network_name"] == "densenet121"
+
+
+def test_inference_overlay_needs_no_cohort_and_writes_nothing_into_the_bundle(tmp_path, monkeypatch):
+    """Inference from a fresh bundle folder with released weights elsewhere: no phantom cohort, no candidate
+    set and no candidate cache are built (each would fail here), the outputs are written, the bundle stays empty."""
+    from cmb_synthesis.detection.classifier import build_classifier
+
+    _forbid_training_data(monkeypatch)
+    torch.manual_seed(0)
+    net = build_classifier("classifier", NET["patch_size"], channels=NET["channels"], strides=NET["strides"],
+                           num_res_units=NET["num_res_units"])
+    torch.save(net.state_dict(), tmp_path / "model.pt")
+    rng = np.random.default_rng(0)
+    vol = (0.6 + 0.05 * rng.standard_normal((48, 48, 24))).astype(np.float32)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in vol.shape], indexing="ij"), -1)
+    for centre in ((16, 16, 12), (32, 30, 10), (24, 36, 14)):  # dark 2-voxel balls (microbleed-like)
+        vol[((grid - np.array(centre)) ** 2).sum(-1) <= 4] = 0.1
+    mask = np.zeros(vol.shape, np.uint8)
+    mask[4:-4, 4:-4, 2:-2] = 1
+    ext = tmp_path / "external"
+    ext.mkdir()
+    nib.save(nib.Nifti1Image(vol, np.eye(4)), str(ext / "s1_swi.nii.gz"))
+    nib.save(nib.Nifti1Image(mask, np.eye(4)), str(ext / "s1_brainmask.nii.gz"))
+    root, out = tmp_path / "bundle", tmp_path / "out"
+    _run("inference", INFERENCE, root, model_path=str(tmp_path / "model.pt"), dataset_dir=str(ext), output_dir=str(out))
+    assert nib.load(str(out / "s1_cmb_prob.nii.gz")).shape == vol.shape
+    with open(out / "candidates.csv", newline="") as f:
+        assert [r["image"] for r in csv.DictReader(f)][:1] == ["s1_swi.nii.gz"]
+    assert not root.exists() or not any(root.iterdir())
 
 
 @pytest.fixture(scope="module")
@@ -98,10 +185,14 @@ def test_resume_continues_and_keeps_the_best_model(trained, tiny_cohort, synthet
     assert ((root / "models" / "model.pt").read_bytes() == before) == (score <= best)
 
 @pytest.mark.e2e
-def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort):
+def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort, monkeypatch):
     out = trained / "eval_out"
-    _run("evaluating", "evaluate.yaml", trained, datalist=tiny_cohort, output_dir=str(out), n_bootstrap=50)
+    _forbid_training_data(monkeypatch)  # evaluation builds no training candidate set
+    _run("evaluating", EVALUATE, trained, datalist=tiny_cohort, output_dir=str(out), training_data="real+synthetic",
+         **{"evaluate#n_bootstrap": 50})
     m = json.loads((out / "metrics.json").read_text())
+    assert m["n_bootstrap"] == 50 and m["training_data"] == "real+synthetic" and m["network"] == "classifier"
+    assert m["model_path"] == str(trained / "models" / "model.pt")
     assert set(m["sensitivity_at_fp"]) == {"1", "2", "4", "8", "10", "20"}
     for k, (lo, hi) in m["sensitivity_at_fp_ci95"].items():
         assert 0.0 <= lo <= hi <= 1.0
@@ -139,14 +230,23 @@ def test_inference_writes_outputs_in_the_input_space_and_reports_a_bad_scan(trai
     (ext / "broken_swi.nii.gz").write_bytes(b"not a nifti file")
     out = tmp_path / "out"
     with pytest.raises(Exception) as info:  # MONAI's config evaluation wraps it in a RuntimeError
-        _run("inference", "inference.yaml", trained, dataset_dir=str(ext), output_dir=str(out))
+        _run("inference", INFERENCE, trained, dataset_dir=str(ext), output_dir=str(out))
     err = info.value
     while not isinstance(err, BatchInferenceError) and err.__cause__ is not None:
         err = err.__cause__
     assert isinstance(err, BatchInferenceError) and "1 of 3 scans failed" in str(err) and "broken_swi" in str(err)
     summary = json.loads((out / "inference_summary.json").read_text())
     assert [Path(f["image"]).name for f in summary["failed"]] == ["broken_swi.nii.gz"]
-    assert {p["id"]: p["mask"] for p in summary["processed"]} == {"ext1": "file", "ext2": "estimated"}
+    assert summary["n_inputs"] == 3 and not summary["skipped"]
+    assert [f["id"] for f in summary["failed"]] == ["broken"] and "not a readable NIfTI" in summary["failed"][0]["error"]
+    assert {p["id"]: p["mask"] for p in summary["written"]} == {"ext1": "file", "ext2": "estimated"}
+    for p in summary["written"]:
+        assert p["outputs"] == {"probability_map": str(out / f"{p['id']}_cmb_prob.nii.gz"),
+                                "candidates": str(out / f"{p['id']}_candidates.csv")}
+        assert p["n"] == len((out / f"{p['id']}_candidates.csv").read_text().splitlines()) - 1
+    with open(out / "summary.csv", newline="") as f:
+        status = {r["id"]: (r["status"], r["n"]) for r in csv.DictReader(f)}
+    assert status == {"broken": ("failed", ""), **{p["id"]: ("written", str(p["n"])) for p in summary["written"]}}
     ref = nib.load(str(ext / "ext1_swi.nii.gz"))
     prob = nib.load(str(out / "ext1_cmb_prob.nii.gz"))
     assert prob.shape == ref.shape and np.allclose(prob.affine, ref.affine)
@@ -165,10 +265,7 @@ def test_inference_writes_outputs_in_the_input_space_and_reports_a_bad_scan(trai
     assert not (out / "broken_cmb_prob.nii.gz").exists()
 
 
-def test_metadata_verifies():
-    schema = Path("/work/shared/monai/meta_schema_20240725.json")
-    if not schema.is_file():
-        pytest.skip("meta schema not available offline")
+def test_metadata_verifies(meta_schema):
     from monai.bundle import verify_metadata
 
-    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=str(schema))
+    verify_metadata(meta_file=str(CONFIGS / "metadata.json"), filepath=meta_schema)

@@ -107,7 +107,8 @@ def test_multi_gpu_config_gates_every_writer_to_rank0(configs):
     assert p["train#dataloader#batch_size"] == "$max(1, @batch_size // @world_size)" or (
         p["train#dataloader#batch_size"] == "@per_rank_batch_size"
     )
-    assert "init_process_group" in p["initialize"][0] and "destroy_process_group" in p["finalize"][0]
+    assert p["initialize"][0] == "$cmb_synthesis.bundle_utils.command_line()"  # argument checks before any work
+    assert "init_process_group" in p["initialize"][1] and "destroy_process_group" in p["finalize"][0]
     # device from LOCAL_RANK: cuda:<local rank> with nccl, cpu with the gloo override
     for backend, expected in (("nccl", torch.device("cuda:1")), ("gloo", torch.device("cpu"))):
         q = ConfigParser()

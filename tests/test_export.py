@@ -17,41 +17,40 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEMA = Path("/work/shared/monai/meta_schema_20240725.json")
 BUNDLES = {
-    "cmb_synthesis": {"config": "inference.yaml", "nets": ("G_HP", "G_PH")},
-    "cmb_detection": {"config": "inference.yaml", "nets": ("network_def",)},
+    # both inference configs are overlays merged over train.yaml (which defines the networks)
+    "cmb_synthesis": {"config": ("train.yaml", "inference.yaml"), "nets": ("G_HP", "G_PH")},
+    "cmb_detection": {"config": ("train.yaml", "inference.yaml"), "nets": ("network_def",)},
 }
 
 
-def _configs(bundle: str) -> tuple[Path, Path]:
+def _config_names(bundle: str) -> list[str]:
+    names = BUNDLES[bundle]["config"]
+    return [names] if isinstance(names, str) else list(names)
+
+
+def _configs(bundle: str) -> tuple[Path, list[str]]:
+    """The bundle's metadata.json and its inference config files (merged in this order)."""
     cdir = REPO / "bundles" / bundle / "configs"
-    return cdir / "metadata.json", cdir / BUNDLES[bundle]["config"]
+    return cdir / "metadata.json", [str(cdir / n) for n in _config_names(bundle)]
 
 
 def _env() -> dict:
     return dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(REPO))
 
 
-def _schema() -> str:
-    if SCHEMA.is_file():
-        return str(SCHEMA)
-    local = REPO.parent / "shared" / "monai" / SCHEMA.name
-    return str(local)
-
-
 @pytest.mark.parametrize("bundle", sorted(BUNDLES))
-def test_verify_metadata(bundle, tmp_path):
+def test_verify_metadata(bundle, tmp_path, meta_schema):
     from monai.bundle import verify_metadata
 
     meta, _ = _configs(bundle)
-    verify_metadata(meta_file=str(meta), filepath=_schema())  # raises ValidationError on failure
+    verify_metadata(meta_file=str(meta), filepath=meta_schema)  # raises ValidationError on failure
     # and a broken copy is rejected (the check is real)
     bad = json.loads(meta.read_text())
     bad.pop("version")
     (tmp_path / "metadata.json").write_text(json.dumps(bad))
     with pytest.raises(Exception, match="version"):
-        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=_schema())
+        verify_metadata(meta_file=str(tmp_path / "metadata.json"), filepath=meta_schema)
 
 
 @pytest.mark.parametrize("bundle,net", [(b, n) for b in sorted(BUNDLES) for n in BUNDLES[b]["nets"]])
@@ -59,7 +58,7 @@ def test_verify_net_in_out(bundle, net):
     from monai.bundle import verify_net_in_out
 
     meta, config = _configs(bundle)
-    verify_net_in_out(net_id=net, meta_file=str(meta), config_file=str(config), device="cpu")
+    verify_net_in_out(net_id=net, meta_file=str(meta), config_file=config, device="cpu")
 
 
 def _tiny_checkpoint(bundle: str, net: str, path: Path) -> torch.nn.Module:
@@ -67,7 +66,7 @@ def _tiny_checkpoint(bundle: str, net: str, path: Path) -> torch.nn.Module:
 
     meta, config = _configs(bundle)
     p = ConfigParser()
-    p.read_config(str(config))
+    p.read_config(config)
     p.read_meta(str(meta))
     torch.manual_seed(0)
     network = p.get_parsed_content(net)
@@ -95,15 +94,15 @@ def test_ckpt_export_cli_generator(tmp_path):
     cmd = [
         sys.executable, "-m", "monai.bundle", "ckpt_export", "G_HP",
         "--filepath", str(tmp_path / "G_HP.ts"), "--ckpt_file", str(tmp_path / "G_HP.pt"),
-        "--meta_file", str(meta), "--config_file", str(config), "--use_trace", "True",
+        "--meta_file", str(meta), "--config_file", repr(config), "--use_trace", "True",
         "--input_shape", str(_input_shape("cmb_synthesis")),
     ]  # fmt: skip
     res = subprocess.run(cmd, env=_env(), cwd=REPO, capture_output=True, encoding="utf-8", errors="replace", timeout=300)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    extra = {"metadata.json": "", "inference.json": ""}
+    extra = {"metadata.json": "", "train.json": "", "inference.json": ""}  # each config file, as JSON
     ts = torch.jit.load(str(tmp_path / "G_HP.ts"), _extra_files=extra)
     assert json.loads(extra["metadata.json"])["network_data_format"]["inputs"]["image"]["num_channels"] == 2
-    assert "G_HP" in json.loads(extra["inference.json"])
+    assert "G_HP" in json.loads(extra["train.json"]) and "run_inference" in json.loads(extra["inference.json"])
     x = torch.rand(_input_shape("cmb_synthesis"))
     x[:, 1] = (x[:, 1] > 0.95).float()
     with torch.no_grad():
@@ -120,7 +119,7 @@ def test_ckpt_export_function(bundle, net, tmp_path):
     network = _tiny_checkpoint(bundle, net, tmp_path / f"{net}.pt")
     ckpt_export(
         net_id=net, filepath=str(tmp_path / f"{net}.ts"), ckpt_file=str(tmp_path / f"{net}.pt"),
-        meta_file=str(meta), config_file=str(config), use_trace=bundle == "cmb_synthesis", input_shape=_input_shape(bundle),
+        meta_file=str(meta), config_file=config, use_trace=bundle == "cmb_synthesis", input_shape=_input_shape(bundle),
     )  # fmt: skip
     ts = torch.jit.load(str(tmp_path / f"{net}.ts"))
     x = torch.rand(_input_shape(bundle))
@@ -135,7 +134,7 @@ _TRAINING_OUTPUTS = {
         ["G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "lesion_bank.npz", "checkpoint_iteration=800.pt", "metrics.json"],
         {"G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "lesion_bank.npz"},
     ),
-    "cmb_detection": (["model.pt", "checkpoint_iteration=240.pt", "train_metrics.json"], {"model.pt"}),
+    "cmb_detection": (["model.pt", "checkpoint_epoch=6.pt", "train_metrics.json"], {"model.pt"}),
 }
 
 
@@ -167,5 +166,5 @@ def test_release_lists_the_weights_inference_loads(bundle, tmp_path):
     assert {Path(e["path"]).name for e in entries} == released
     assert all(e["hash_val"] == weights.sha256_file(b / e["path"]) for e in entries)
     # the inference configs load exactly these names
-    text = (b / "configs" / BUNDLES[bundle]["config"]).read_text()
+    text = "".join((b / "configs" / n).read_text() for n in _config_names(bundle))
     assert all(name.split(".")[0] in text for name in released if not name.startswith("D_"))

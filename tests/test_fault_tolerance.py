@@ -273,7 +273,7 @@ real_save, calls = nib.save, []
 
 def dying_save(img, filename, *a, **k):
     calls.append(str(filename))
-    if os.path.basename(str(filename)).startswith(".s1_synthetic.nii.gz."):  # the image's temporary file
+    if ".s1_synthetic.nii.gz." in os.path.basename(str(filename)):  # the image's temporary file
         real_save(img, filename, *a, **k)
         data = open(filename, "rb").read()
         open(filename, "wb").write(data[: len(data) // 2])  # half-written file, then the process dies
@@ -316,9 +316,10 @@ def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_p
         [sys.executable, str(tmp_path / "die.py"), str(src), str(out)], env=_env(tmp_path), capture_output=True, timeout=300
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr.decode("utf-8", "replace")[-3000:]
-    # the half-written image never appears under its final name
-    assert not (out / "s1_synthetic.nii.gz").exists()
+    # the half-written image never appears under its final name, nor its label without it (one unit)
+    assert not (out / "s1_synthetic.nii.gz").exists() and not (out / "s1_synthetic_cmb.nii.gz").exists()
     assert not (out / "inference_summary.json").exists()
+    assert [f for f in out.iterdir() if f.name.startswith(".")]  # the killed run's temporaries
     for f in out.iterdir():  # whatever is there under a final name is complete
         if not f.name.startswith("."):
             nib.load(str(f)).get_fdata()
@@ -327,8 +328,9 @@ def test_synthesis_inference_killed_while_writing_leaves_no_partial_output(tmp_p
     from cmb_synthesis.synthesis.inference import run_inference
 
     res = run_inference(src, out, G_HP=CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3), patch=(48, 40, 16))
-    assert sorted(res["written"]) == ["s1", "s2"] and res["skipped"] == []
+    assert sorted(e["id"] for e in res["written"]) == ["s1", "s2"] and res["skipped"] == []
     assert nib.load(str(out / "s1_synthetic.nii.gz")).shape == (48, 40, 36)
+    assert not [f for f in out.iterdir() if f.name.startswith(".")]  # stale temporaries removed at start
 
 
 @pytest.mark.e2e
@@ -341,24 +343,30 @@ def test_synthesis_inference_skips_existing_overwrites_on_request_and_never_writ
     src, out = _scan_folder(tmp_path), tmp_path / "out"
     G = CMBGenerator(channels=2, n_res_blocks=0, stem_kernel=3)
     kw = dict(G_HP=G, patch=(48, 40, 16))
-    assert sorted(run_inference(src, out, **kw)["written"]) == ["s1", "s2"]
+    assert sorted(e["id"] for e in run_inference(src, out, **kw)["written"]) == ["s1", "s2"]
     stamp = {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")}
     again = run_inference(src, out, **kw)
-    assert again["skipped"] == ["s1", "s2"] and not again["written"]
+    assert [e["id"] for e in again["skipped"]] == ["s1", "s2"] and not again["written"]
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.nii.gz")} == stamp
     forced = run_inference(src, out, overwrite=True, **kw)
-    assert sorted(forced["written"]) == ["s1", "s2"]
+    assert sorted(e["id"] for e in forced["written"]) == ["s1", "s2"]
     assert all(p.stat().st_mtime_ns != stamp[p.name] for p in out.glob("*.nii.gz"))
 
-    # a datalist whose image is named like an output, written to its own folder: refused even with overwrite
+    # a datalist whose image is named like an output of the run: refused before any scan, even with overwrite
+    other = tmp_path / "other"
+    other.mkdir()
     before = (src / "s1_swi.nii.gz").read_bytes()
-    (src / "s1_synthetic.nii.gz").write_bytes(before)
-    items = [{"image": "s1_synthetic.nii.gz", "brainmask": "s1_brainmask.nii.gz", "mask": "s1_mask.nii.gz",
+    (other / "s1_synthetic.nii.gz").write_bytes(before)
+    items = [{"image": str(other / "s1_synthetic.nii.gz"), "brainmask": "s1_brainmask.nii.gz", "mask": "s1_mask.nii.gz",
               "group": "healthy", "id": "s1"}]  # fmt: skip
     (src / "datalist.json").write_text(json.dumps({"training": items}))
-    res = run_inference(src / "datalist.json", src, overwrite=True, raise_on_error=False, **kw)
-    assert "refusing to write over an input" in res["failed"]["s1"]
-    assert (src / "s1_synthetic.nii.gz").read_bytes() == before
+    with pytest.raises(ValueError, match="s1_synthetic.nii.gz: refusing to write over an input"):
+        run_inference(src / "datalist.json", other, overwrite=True, raise_on_error=False, **kw)
+    assert (other / "s1_synthetic.nii.gz").read_bytes() == before
+    assert sorted(p.name for p in other.iterdir()) == ["s1_synthetic.nii.gz"]
+    # and the datalist's own folder is an input folder
+    with pytest.raises(ValueError, match="must differ from the input folder"):
+        run_inference(src / "datalist.json", src, overwrite=True, raise_on_error=False, **kw)
 
 
 def test_epoch_reseed_covers_seeded_samplers():
@@ -411,7 +419,7 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
     real_save = nib.save
 
     def failing_save(img, filename, *a, **k):
-        if os.path.basename(str(filename)).startswith(".s1_cmb_prob.nii.gz."):
+        if ".s1_cmb_prob.nii.gz." in os.path.basename(str(filename)):
             real_save(img, filename, *a, **k)
             data = open(filename, "rb").read()
             open(filename, "wb").write(data[: len(data) // 2])
@@ -424,6 +432,7 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
     monkeypatch.setattr(nib, "save", real_save)
     names = sorted(p.name for p in out.iterdir())
     assert "s1_cmb_prob.nii.gz" not in names and "s2_cmb_prob.nii.gz" in names
+    assert "s1_candidates.csv" not in names and "s2_candidates.csv" in names  # a scan's outputs are one unit
     assert not [n for n in names if n.startswith(".")]  # the temporary file was removed
     nib.load(str(out / "s2_cmb_prob.nii.gz")).get_fdata()
 
@@ -441,12 +450,14 @@ def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     # the default (no --overwrite) must not replace existing outputs either
     detection.run_inference(_detector(), src, out)
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns == stamp
-    assert sorted(s["id"] for s in summary["skipped"]) == ["s1", "s2"] and not summary["processed"]
+    assert sorted(s["id"] for s in summary["skipped"]) == ["s1", "s2"] and not summary["written"]
+    n_rows = {s["id"]: len((out / f"{s['id']}_candidates.csv").read_text().splitlines()) - 1 for s in summary["skipped"]}
+    assert {s["id"]: s["n"] for s in summary["skipped"]} == n_rows
     # the aggregated candidates.csv of a run that skipped every scan still lists every scan's candidates
     first = (out / "s1_candidates.csv").read_text().splitlines()[1:] + (out / "s2_candidates.csv").read_text().splitlines()[1:]
     assert sorted((out / "candidates.csv").read_text().splitlines()[1:]) == sorted(first)
     forced = detection.run_inference(_detector(), src, out, overwrite=True)
-    assert sorted(s["id"] for s in forced["processed"]) == ["s1", "s2"] and not forced["skipped"]
+    assert sorted(s["id"] for s in forced["written"]) == ["s1", "s2"] and not forced["skipped"]
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns != stamp
 
 

@@ -7,7 +7,9 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from transforms.frst import FRSTCandidatesd, find_candidates, frst_3d, kappa_for_radius, snap_to_darkest
+from transforms.frst import (FRSTCandidatesd, _ellipsoid_footprint, find_candidates, frst_3d, kappa_for_radius,
+                             snap_to_darkest)
+from transforms.spacing import half_widths, snap_spacing, voxel_ratio, within_radius
 
 RADII = (1.0, 1.5, 2.0, 3.0)
 
@@ -141,6 +143,40 @@ def test_dict_transform_uses_affine_spacing_and_torch_backend():
         outs.append(d)
     np.testing.assert_array_equal(outs[0]["candidates"][:3], outs[1]["candidates"][:3])
     np.testing.assert_allclose(outs[0]["candidates_score"][:3], outs[1]["candidates_score"][:3], rtol=1e-4)
+
+
+def test_spacing_noise_does_not_change_the_candidates():
+    """1.00000003 mm (oblique clinical affines) gives exactly the map and candidates of 1 mm."""
+    clean, noisy = (1.0, 1.0, 1.0), (1.00000003, 1.0, 0.99999997)
+    sizes = (0.8, 1.0, 1.2, 1.5, 2.0, 2.5, 1.0, 1.5)
+    spheres = [((10.0 + 6 * i, 12.0 + 6 * (i % 5), 8.0 + 4 * (i % 6)), r) for i, r in enumerate(sizes)]
+    v = _phantom((64, 64, 40), clean, spheres, noise=0.05, seed=7)
+    mask = np.zeros(v.shape, bool)
+    mask[2:-2, 2:-2, 2:-2] = True
+    maps = [frst_3d(v, sp, mask=mask) for sp in (clean, noisy)]  # the default (tuned) radii
+    np.testing.assert_array_equal(maps[0], maps[1])
+    t = frst_3d(torch.as_tensor(v), noisy, mask=torch.as_tensor(mask)).numpy()
+    np.testing.assert_allclose(t, maps[0], rtol=1e-10, atol=1e-12)
+    for kwargs in ({}, {"max_candidates": None, "min_distance_mm": 2.0, "snap_radius_mm": 1.5}):
+        a = find_candidates(maps[0], mask, clean, image=v, **kwargs)
+        b = find_candidates(maps[0], mask, noisy, image=v, **kwargs)
+        assert len(a[0]) > 50
+        np.testing.assert_array_equal(a[0], b[0])
+        np.testing.assert_array_equal(a[1], b[1])
+    for r in (0.75, 1.0, 1.5, 2.0, 3.0, 4.0):
+        np.testing.assert_array_equal(_ellipsoid_footprint(r, clean), _ellipsoid_footprint(r, noisy))
+    assert _ellipsoid_footprint(3.0, noisy).shape == (7, 7, 7) and _ellipsoid_footprint(3.0, noisy)[0, 3, 3]
+
+
+def test_spacing_helpers_keep_exact_ratios():
+    assert snap_spacing((1.00000003, 0.99999997, 0.98)) == (1.0, 1.0, 0.98)
+    assert 0.3 / 0.1 < 3 and half_widths(0.3, (0.1, 0.1, 0.2)) == (3, 3, 1)  # floor(2.9999999999999996) is 2
+    assert half_widths(0.5, (1.0, 1.0, 1.0), minimum=1) == (1, 1, 1)
+    np.testing.assert_array_equal(voxel_ratio(1.5, (1.00000003, 0.5)), [1.5, 3.0])
+    offs = np.array([[3, 0, 0], [2, 2, 1], [2, 2, 2], [0, 0, 0]])
+    assert within_radius(offs, (1.00000003, 1.0, 0.99999997), 3.0).tolist() == [True, True, False, True]
+    with pytest.raises(ValueError, match="spacing"):
+        snap_spacing((1.0, 1e-8, 1.0))
 
 
 def test_bad_inputs():

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -74,3 +73,19 @@ def test_run_bundle_reports_the_failing_command(tmp_path):
     with pytest.raises(RuntimeError, match="bundle run 'training' failed"):
         run_bundle([cfg], "training", {"value": 2}, tmp_path / "log.txt")
     assert "monai.bundle" in (tmp_path / "log.txt").read_text()
+
+
+def test_run_bundle_merges_config_files_in_order_and_passes_overrides(tmp_path):
+    """The study's runs of a trained model: an overlay merged after the base config in a subprocess, with
+    overrides of every type (list, dict, bool, None) reaching the run."""
+    base, overlay, out = tmp_path / "train.yaml", tmp_path / "evaluate.yaml", tmp_path / "seen.json"
+    base.write_text("imports: ['$import json']\nwidth: 8\nname: base\nflag: false\nextra: {}\nnothing: 1\n")
+    overlay.write_text(
+        "name: overlay\nevaluating:\n"
+        "  - \"$open(@out, 'w').write(json.dumps({'width': @width, 'name': @name, 'flag': @flag, 'extra': @extra, "
+        "'nothing': @nothing, 'sizes': @sizes}))\"\n"
+    )
+    run_bundle([base, overlay], "evaluating", {"out": str(out), "width": 4, "flag": True, "extra": {"a": [1, 2]},
+                                               "nothing": None, "sizes": [24, 24, 16]}, tmp_path / "log.txt")
+    assert json.loads(out.read_text()) == {"width": 4, "name": "overlay", "flag": True, "extra": {"a": [1, 2]},
+                                           "nothing": None, "sizes": [24, 24, 16]}

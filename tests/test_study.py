@@ -2,18 +2,91 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from pathlib import Path
 
 import pytest
 
-from cmb_synthesis.study.runner import ARMS, arm_name, run_study, subset_datalist
+from cmb_synthesis.study import runner
+from cmb_synthesis.study.runner import ARMS, arm_name, run_configs, run_study, subset_datalist
 
 REPO = Path(__file__).resolve().parents[1]
+STUDY_YAML = REPO / "bundles" / "cmb_detection" / "configs" / "study.yaml"
 SYN_TINY = dict(device="cpu", patch_size=[32, 32, 16], batch_size=2, epoch_length=2, max_epochs=1, val_interval=1,
                 val_patches_per_volume=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
 DET_TINY = dict(device="cpu", channels=[4, 8], strides=[2, 2], num_res_units=1, patch_size=[24, 24, 16],
                 batch_size=8, epoch_length=2, max_epochs=1, val_interval=1)
+
+
+def test_run_configs_merge_the_overlay_over_the_training_configs():
+    paper = ["configs/train.yaml", "configs/paper.yaml"]
+    assert run_configs(paper, "configs/inference.yaml") == [*paper, "configs/inference.yaml"]
+    assert run_configs(paper, "configs/inference.yaml", [*paper, "configs/mine.yaml"]) == [*paper, "configs/mine.yaml"]
+    with pytest.raises(ValueError, match="paper.yaml"):  # a paper-preset model run with the CPU preset's network
+        run_configs(paper, "configs/inference.yaml", ["configs/train.yaml", "configs/inference.yaml"])
+
+
+@pytest.mark.parametrize("preset", ["cpu", "paper"])
+def test_study_yaml_lists_run_study_and_stacks_each_bundles_configs(preset):
+    """study.yaml: `run_study` is a component listing every argument; --preset paper merges each bundle's
+    paper.yaml after train.yaml for training AND for the runs of the trained models."""
+    from monai.bundle import ConfigParser
+
+    p = ConfigParser()
+    p.read_config(str(STUDY_YAML))
+    assert p["run_study"]["_target_"] == "cmb_synthesis.study.runner.run_study"
+    assert set(p["run_study"]) - {"_target_"} == set(inspect.signature(run_study).parameters)
+    p["preset"] = preset
+    p.parse()
+    train = ["configs/train.yaml"] + (["configs/paper.yaml"] if preset == "paper" else [])
+    assert p.get_parsed_content("run_study#synthesis_train_configs") == train
+    assert p.get_parsed_content("run_study#synthesis_inference_configs") == [*train, "configs/inference.yaml"]
+    assert p.get_parsed_content("run_study#detection_train_configs") == train
+    assert p.get_parsed_content("run_study#detection_eval_configs") == [*train, "configs/evaluate.yaml"]
+    assert p.get_parsed_content("run_study#detection_overrides") == ({"max_epochs": 8} if preset == "cpu" else {})
+    arms = p.get_parsed_content("run_study#arms")
+    assert [tuple(a) for a in arms] == list(ARMS)
+
+
+def test_paper_preset_runs_of_trained_models_get_the_training_configs_and_overrides(tiny_cohort, tmp_path,
+                                                                                    monkeypatch):
+    """The bundle runs a paper-preset study launches (recorded, not run): synthesis inference and detector
+    evaluation merge their overlay after train.yaml + paper.yaml and get the training overrides."""
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def launch(config_files, run_id, overrides, log_file):
+        calls.append((list(config_files), run_id, dict(overrides)))
+        if run_id == "inference":  # the synthetic scans the synthesise stage checks for
+            healthy = json.loads(Path(overrides["dataset_dir"]).read_text())["training"]
+            out = Path(overrides["output_dir"])
+            out.mkdir(parents=True, exist_ok=True)
+            for it in healthy:
+                for suffix in ("_synthetic.nii.gz", "_synthetic_cmb.nii.gz"):
+                    (out / f"{it['id']}{suffix}").write_bytes(b"")
+        if run_id == "evaluating":
+            raise Stop
+
+    monkeypatch.setattr(runner, "_launcher", lambda in_process: launch)
+    syn_b, det_b = REPO / "bundles" / "cmb_synthesis", REPO / "bundles" / "cmb_detection"
+    models = tmp_path / "syn_models"
+    models.mkdir()
+    paper = ["configs/train.yaml", "configs/paper.yaml"]
+    with pytest.raises(Stop):
+        run_study(tmp_path / "study", tiny_cohort, syn_b, det_b, synthesis_train_configs=paper,
+                  detection_train_configs=paper, synthesis_overrides={"g_channels": 4, "device": "cpu"},
+                  detection_overrides={"channels": [4, 8], "device": "cpu"}, synthesis_ckpt_dir=models,
+                  n_real_pathological=1, arms=[("real", False)], n_bootstrap=10)
+    assert [c[1] for c in calls] == ["inference", "training", "evaluating"]  # 1 synthetic scan: one round
+    (inf_files, _, inf_over), (tr_files, _, tr_over), (ev_files, _, ev_over) = calls
+    assert inf_files == [str(syn_b / c) for c in (*paper, "configs/inference.yaml")]
+    assert inf_over["g_channels"] == 4 and inf_over["ckpt_dir"] == str(models)
+    assert tr_files == [str(det_b / c) for c in paper]
+    assert ev_files == [str(det_b / c) for c in (*paper, "configs/evaluate.yaml")]
+    assert ev_over["channels"] == tr_over["channels"] == [4, 8] and ev_over["model_path"].endswith("model.pt")
 
 
 def test_subset_datalist_keeps_k_pathological(tiny_cohort, tmp_path):

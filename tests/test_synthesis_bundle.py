@@ -1,9 +1,9 @@
-"""The cmb_synthesis bundle end to end in a tiny configuration: train, resume, export, infer."""
+"""The cmb_synthesis bundle end to end in a tiny configuration: train, resume, export, evaluate a checkpoint and
+infer (evaluate.yaml and inference.yaml are overlays merged over train.yaml)."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 import nibabel as nib
@@ -77,13 +77,46 @@ def test_resume_override_continues_from_saved_iteration(trained, tiny_cohort):
 
 
 @pytest.mark.e2e
-def test_inference_output_has_input_shape_and_affine(trained, tiny_cohort, tmp_path):
+def test_evaluating_overlay_scores_the_newest_checkpoint(trained, tiny_cohort, tmp_path):
+    from monai.bundle import ConfigParser, run
+
+    from cmb_synthesis.training.resume import latest_checkpoint
+
+    files = [str(CONFIGS / "train.yaml"), str(CONFIGS / "evaluate.yaml")]
+    p = ConfigParser()
+    p.read_config(files)
+    p["bundle_root"] = str(trained)
+    assert p.get_parsed_content("ckpt_path") == latest_checkpoint(trained / "models")  # the default checkpoint
+    train_metrics = (trained / "models" / "metrics.json").read_text()
+    args = dict(bundle_root=str(trained), datalist=tiny_cohort, dataset_dir=str(Path(tiny_cohort).parent), **TINY)
+    run("evaluating", config_file=files, **args)
+    metrics = json.loads((trained / "eval" / "metrics.json").read_text())["metrics"]
+    assert np.isfinite(metrics["identity_mae"]) and "lesion_fidelity" in metrics
+    assert (trained / "models" / "metrics.json").read_text() == train_metrics  # training's record untouched
+    # the checkpoint's generators are what is scored: a G_HP that brightens every voxel changes identity_mae
+    ckpt = torch.load(latest_checkpoint(trained / "models"), weights_only=True)
+    ckpt["G_HP"]["head.bias"] = ckpt["G_HP"]["head.bias"] + 0.2
+    torch.save(ckpt, tmp_path / "bright.pt")
+    run("evaluating", config_file=files, ckpt_path=str(tmp_path / "bright.pt"), metrics_path=str(tmp_path / "m.json"), **args)
+    bright = json.loads((tmp_path / "m.json").read_text())["metrics"]
+    assert bright["identity_mae"] > metrics["identity_mae"] + 0.05
+
+
+@pytest.mark.e2e
+def test_inference_output_has_input_shape_and_affine(trained, tiny_cohort, tmp_path, monkeypatch):
     from monai.bundle import run
 
+    import cmb_synthesis.phantom
+
+    def no_cohort(*args, **kwargs):
+        raise AssertionError("inference must not generate the training cohort")
+
+    # train.yaml's lazy data items (datalist, lesion bank) stay unevaluated at inference
+    monkeypatch.setattr(cmb_synthesis.phantom, "ensure_cohort", no_cohort)
     out = tmp_path / "out"
     run(
         "inference",
-        config_file=str(CONFIGS / "inference.yaml"),
+        config_file=[str(CONFIGS / "train.yaml"), str(CONFIGS / "inference.yaml")],
         bundle_root=str(trained),
         dataset_dir=str(Path(tiny_cohort).parent),
         output_dir=str(out),

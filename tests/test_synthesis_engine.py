@@ -1,20 +1,26 @@
-"""CycleGANTrainer on small random patches: updates, loss names, NaN guard, checkpoint resume."""
+"""CycleGANTrainer on small random patches: updates, loss names, a new loss term through the bundle config,
+NaN guard, checkpoint resume."""
 
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 import torch
+from monai.bundle import ConfigParser
 from monai.handlers import CheckpointLoader, CheckpointSaver
+from torch.utils.data import default_collate
 
-from cmb_synthesis.synthesis.engine import LOSS_KEYS, CycleGANTrainer, SynthesisEvaluator
+from cmb_synthesis.synthesis.engine import CycleGANTrainer, SynthesisEvaluator
+from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorLoss, GeneratorObjective, paper_terms
 from cmb_synthesis.training.handlers import ExportNetworks, NonFiniteLossGuard
 from cmb_synthesis.training.resume import latest_checkpoint
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 from cmb_synthesis.synthesis.metrics import METRIC_NAMES, SynthesisMetric
 
 S = (16, 16, 16)
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "cmb_synthesis" / "configs"
 
 
 def _item(seed: int) -> dict:
@@ -24,7 +30,8 @@ def _item(seed: int) -> dict:
     x = 0.5 + 0.1 * torch.rand(1, *S, generator=g)
     xp = x.clone()
     xp[y > 0] = 0.05
-    return dict(x_h=x, y_hp=y, brainmask_h=torch.ones(1, *S), x_p=xp, y_p=y, brainmask_p=torch.ones(1, *S), x_p2=xp.flip(1))
+    return dict(x_h=x, y_hp=y, brainmask_h=torch.ones(1, *S), x_p=xp, y_p=y, brainmask_p=torch.ones(1, *S), x_p2=xp.flip(1),
+                y_p2=y.flip(1))
 
 
 def _nets(seed: int = 0):
@@ -39,8 +46,9 @@ def _trainer(nets, max_epochs=1, epoch_length=2, handlers=None, n_critic=2):
     loader = torch.utils.data.DataLoader([_item(i) for i in range(4)], batch_size=2)
     go = torch.optim.Adam(list(g1.parameters()) + list(g2.parameters()), 1e-3, betas=(0.5, 0.99))
     do = torch.optim.Adam(list(d1.parameters()) + list(d2.parameters()), 1e-3, betas=(0.5, 0.99))
+    objectives = CriticObjective(d1), CriticObjective(d2), GeneratorObjective(g1, g2, d1, d2, paper_terms())
     return CycleGANTrainer(
-        "cpu", max_epochs, loader, g1, g2, d1, d2, go, do, epoch_length=epoch_length, n_critic=n_critic,
+        "cpu", max_epochs, loader, g1, g2, d1, d2, go, do, *objectives, epoch_length=epoch_length, n_critic=n_critic,
         train_handlers=handlers,
     )
 
@@ -51,12 +59,69 @@ def test_one_iteration_updates_all_four_networks():
     tr = _trainer(nets, epoch_length=1)
     tr.run()
     assert tr.state.iteration == 1
-    assert set(tr.state.output) == set(LOSS_KEYS)
-    assert all(isinstance(v, float) for v in tr.state.output.values())
+    out = tr.state.output
+    assert set(out) == {"G", "CC", "ID", "AM", "GAN", "D_P", "D_H", "W_P", "W_H", "GP_P", "GP_H", "GP"}
+    assert all(isinstance(v, float) for v in out.values())
+    assert out["GP"] == 0.5 * (out["GP_P"] + out["GP_H"])
     for name, net, old in zip(("G_HP", "G_PH", "D_P", "D_H"), nets, before):
         changed = any(not torch.equal(v, old[k]) for k, v in net.state_dict().items())
         assert changed, f"{name} was not updated"
     assert set(tr.state.synthesis_images) >= {"x_h", "y_hp", "fake_p", "rec_h"}
+
+
+class MeanDarkening(GeneratorLoss):
+    """A made-up extra term: the mean intensity of x~_p = G_HP(x_h, y_hp) (minimising it darkens everything)."""
+
+    def __init__(self, weight: float = 1.0, name: str = "DARK") -> None:
+        super().__init__(weight, name)
+
+    def forward(self, cycle):
+        return cycle["fake_p"].mean()
+
+
+def _config_iteration(batch: dict, extra_terms: list) -> tuple[CycleGANTrainer, dict]:
+    """One iteration of the trainer that configs/train.yaml builds (tiny networks, lr 0 so that the critics
+    stay as initialised), with ``extra_terms`` appended to its ``generator_terms``; returns it and the
+    generators' gradients."""
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "train.yaml"))
+    overrides = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, n_critic=1,
+                     lr=0.0, max_epochs=1, epoch_length=1)  # fmt: skip
+    for k, v in overrides.items():
+        p[k] = v
+    p["generator_terms"] = list(p["generator_terms"]) + extra_terms
+    p["train#trainer#train_data_loader"] = "$[None]"  # replaced by the fixed batch
+    p.parse()
+    torch.manual_seed(0)  # same initial networks and penalty draws in every call
+    trainer = p.get_parsed_content("train#trainer")
+    trainer.data_loader = [batch]
+    trainer.run()
+    grads = {f"{n}.{k}": q.grad.clone() for n in ("G_HP", "G_PH") for k, q in p.get_parsed_content(n).named_parameters()}
+    return trainer, grads
+
+
+def test_new_loss_term_is_one_config_entry():
+    """Adding a loss = a GeneratorLoss class + one entry in train.yaml's generator_terms: the value is reported
+    under its name and the generators' gradient changes by weight * the term's gradient, in G_HP only."""
+    batch = default_collate([_item(0), _item(1)])
+    base, g0 = _config_iteration(batch, [])
+    assert {"CC", "ID", "AM", "GAN"} <= set(base.state.output) and "DARK" not in base.state.output
+    entry = lambda w: {"_target_": f"{__name__}.MeanDarkening", "weight": w}  # noqa: E731
+    tr1, g1 = _config_iteration(batch, [entry(1.0)])
+    tr2, g2 = _config_iteration(batch, [entry(2.0)])
+    assert isinstance(tr1.generator_objective.terms[-1], MeanDarkening)
+    # untrained residual generators are the identity: x~_p = x_h
+    assert tr1.state.output["DARK"] == pytest.approx(batch["x_h"].mean().item(), rel=1e-5)
+    for k in ("CC", "ID", "AM", "GAN", "W_P", "D_H"):  # the other terms are unchanged
+        assert tr1.state.output[k] == pytest.approx(base.state.output[k], rel=1e-5, abs=1e-7)
+    assert tr1.state.output["G"] == pytest.approx(base.state.output["G"] + tr1.state.output["DARK"], rel=1e-5)
+    d1 = {k: g1[k] - g0[k] for k in g0}
+    d2 = {k: g2[k] - g0[k] for k in g0}
+    assert max(d1[k].abs().max().item() for k in d1 if k.startswith("G_HP.")) > 1e-4
+    for k in g0:
+        if k.startswith("G_PH."):  # x~_p does not depend on G_PH
+            torch.testing.assert_close(d1[k], torch.zeros_like(d1[k]), rtol=0, atol=1e-6)
+        torch.testing.assert_close(d2[k], 2 * d1[k], rtol=1e-3, atol=1e-6)
 
 
 def test_nan_guard_stops_with_clear_message(tmp_path):

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
 import torch
 
-from cmb_synthesis.synthesis.networks import CMBGenerator
+from cmb_synthesis.data.batch import BatchInferenceError
 from cmb_synthesis.synthesis.inference import find_scans, run_inference, synthesize_volume
+from cmb_synthesis.synthesis.networks import CMBGenerator
 
 
 class DarkenUnderMask(torch.nn.Module):
@@ -60,11 +63,12 @@ def test_run_inference_folder_keeps_space_and_reports_bad_scans(tmp_path):
     _write(src / "s1_brainmask.nii.gz", bm, affine)
     _write(src / "s1_mask.nii.gz", mask, affine)
     (src / "bad_swi.nii.gz").write_bytes(b"not a nifti")
+    _write(src / "bad_mask.nii.gz", mask, affine)
     jobs = find_scans(src)
     assert [j.id for j in jobs] == ["bad", "s1"] and jobs[1].mask.endswith("s1_mask.nii.gz")
 
     out = tmp_path / "out"
-    with pytest.raises(RuntimeError, match=r"1 written, 0 skipped, 1 failed.*bad"):
+    with pytest.raises(BatchInferenceError, match=r"(?s)1 of 2 scans failed.*bad_swi.nii.gz: ValueError: .*not a readable"):
         run_inference(src, out, G_HP=DarkenUnderMask(), patch=(48, 40, 16), overlap=0.5)
     syn = nib.load(str(out / "s1_synthetic.nii.gz"))
     lab = nib.load(str(out / "s1_synthetic_cmb.nii.gz"))
@@ -79,7 +83,57 @@ def test_run_inference_folder_keeps_space_and_reports_bad_scans(tmp_path):
     assert data[mask > 0].mean() < img[mask > 0].mean() - 2
     assert np.array_equal(np.asarray(lab.dataobj) > 0, mask > 0)
     summary = json.loads((out / "inference_summary.json").read_text())
-    assert "bad" in summary["failed"] and "bad_swi.nii.gz" in summary["failed"]["bad"]
+    assert summary["n_inputs"] == 2 and summary["direction"] == "pathological" and not summary["skipped"]
+    assert [(f["id"], Path(f["image"]).name) for f in summary["failed"]] == [("bad", "bad_swi.nii.gz")]
+    assert "not a readable NIfTI" in summary["failed"][0]["error"]
+    (written,) = summary["written"]
+    assert written["id"] == "s1" and written["n"] == 1 and written["mask"] == "given"
+    assert written["outputs"] == {"synthetic": str(out / "s1_synthetic.nii.gz"),
+                                  "synthetic_cmb": str(out / "s1_synthetic_cmb.nii.gz")}
+    with open(out / "summary.csv", newline="") as f:
+        rows = {r["id"]: r for r in csv.DictReader(f)}
+    assert rows["s1"]["status"] == "written" and rows["s1"]["n"] == "1"
+    assert rows["bad"]["status"] == "failed" and "not a readable NIfTI" in rows["bad"]["message"]
     # existing outputs are skipped unless overwrite
     res = run_inference(src, out, G_HP=DarkenUnderMask(), patch=(48, 40, 16), raise_on_error=False)
-    assert res["skipped"] == ["s1"]
+    assert [e["id"] for e in res["skipped"]] == ["s1"] and res["skipped"][0]["n"] == 1
+
+
+def test_run_inference_reads_a_dicom_series_and_writes_back_in_its_space(tmp_path):
+    """A DICOM series folder is a scan like a NIfTI file: read through ``to_canonical``, outputs in the series'
+    patient space (the exact inverse of the reorientation)."""
+    pytest.importorskip("itk")
+    from test_external_data import _write_dicom_series
+
+    from cmb_synthesis.data.scans import from_canonical, to_canonical
+
+    rng = np.random.default_rng(1)
+    shape = (48, 40, 36)
+    ras = np.diag([0.98, 0.98, 1.0, 1.0])
+    ras[:3, 3] = [-20, -15, -10]
+    vol = np.rint(1000 + 200 * rng.random(shape)).astype(np.int16)
+    lps_img = nib.Nifti1Image(vol, ras).as_reoriented(nib.orientations.axcodes2ornt(("L", "P", "S")))
+    src = tmp_path / "in"
+    _write_dicom_series(np.asarray(lps_img.dataobj), lps_img.affine, src / "d1")
+    can = to_canonical(src / "d1")
+    bm = np.zeros(can.array.shape, np.uint8)
+    bm[4:44, 4:36, 2:34] = 1
+    mask = np.zeros(can.array.shape, np.uint8)
+    mask[20:23, 18:21, 15:18] = 1
+    _write(src / "d1_brainmask.nii.gz", bm, can.affine)
+    _write(src / "d1_mask.nii.gz", mask, can.affine)
+
+    out = tmp_path / "out"
+    summary = run_inference(src, out, G_HP=DarkenUnderMask(), patch=(48, 40, 16))
+    assert [(e["id"], e["n"]) for e in summary["written"]] == [("d1", 1)]
+    syn, lab = nib.load(str(out / "d1_synthetic.nii.gz")), nib.load(str(out / "d1_synthetic_cmb.nii.gz"))
+    assert syn.shape == lab.shape == can.source_shape
+    assert np.allclose(syn.affine, can.source_affine, atol=1e-4) and np.allclose(lab.affine, can.source_affine, atol=1e-4)
+    source = from_canonical(can.array, can)
+    lesion = from_canonical(mask, can) > 0
+    assert np.array_equal(np.asarray(lab.dataobj) > 0, lesion)
+    data = syn.get_fdata()
+    assert np.allclose(data[~lesion], source[~lesion], atol=1e-3)
+    lo, hi = np.percentile(can.array[bm > 0], 0), np.percentile(can.array[bm > 0], 99.5)
+    expected = source - 0.5 * (np.clip(source, lo, hi) - lo)  # the darkening mapped back through the scale
+    assert np.allclose(data[lesion], expected[lesion], atol=0.05) and data[lesion].mean() < source[lesion].mean() - 20

@@ -11,10 +11,15 @@ from cmb_synthesis.synthesis.losses import (
     L_CC,
     L_GAN,
     L_ID,
+    AbnormalityMaskLoss,
+    AdversarialLoss,
     CriticObjective,
+    CycleConsistencyLoss,
     GeneratorObjective,
+    IdentityLoss,
     critic_input,
     gradient_penalty,
+    paper_terms,
 )
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
@@ -88,8 +93,8 @@ def test_objectives_single_forward():
     y = torch.zeros_like(x)
     y[:, :, 7:9, 7:9, 7:9] = 1
     crit = CriticObjective(d1)(x, x * 0.5)
-    assert set(crit) == {"loss", "wasserstein", "gp"} and crit["loss"].requires_grad
-    out = GeneratorObjective(g1, g2, d1, d2, am_in_hph=True)(x, y, x, y, torch.ones_like(x), torch.ones_like(x))
+    assert set(crit) == {"loss", "W", "GP"} and crit["loss"].requires_grad
+    out = GeneratorObjective(g1, g2, d1, d2, paper_terms(am_in_hph=True))(x, y, x, y, torch.ones_like(x), torch.ones_like(x))
     # zero-initialised residual heads: both generators start as the identity, so every L1 term is 0
     assert out["CC"].item() == 0.0 and out["ID"].item() == 0.0 and out["AM"].item() == 0.0
     assert out["G"].requires_grad
@@ -117,11 +122,65 @@ def test_mask_conditioned_critics_see_image_and_mask():
             return self.c(t)
 
     d1, d2 = Recording(), Recording()
-    out = CriticObjective(d1)(x, x * 0.5, y, y)
+    out = CriticObjective(d1, critic_mask=True)(x, x * 0.5, y, y)
     assert out["loss"].requires_grad and set(seen) == {2}
     with pytest.raises(ValueError, match="both real_mask and fake_mask"):
-        CriticObjective(d1)(x, x, y, None)
+        CriticObjective(d1, critic_mask=True)(x, x, y, None)
     g1, g2 = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3), CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3)
     seen.clear()
-    g = GeneratorObjective(g1, g2, d1, d2, critic_mask=True)(x, y, x, y)
+    g = GeneratorObjective(g1, g2, d1, d2, paper_terms(critic_mask=True))(x, y, x, y)
     assert g["G"].requires_grad and seen == [2, 2]
+    # an image-only critic (the paper's) ignores the masks the trainer always passes
+    seen.clear()
+    plain = CMBCritic(channels=4, num_layers_d=2)
+    CriticObjective(lambda t: seen.append(t.shape[1]) or plain(t))(x, x * 0.5, y, y)
+    assert set(seen) == {1}
+
+
+def _perturbed_generators():
+    torch.manual_seed(0)
+    gens = [CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3) for _ in range(2)]
+    with torch.no_grad():  # zero heads make an untrained generator the identity: move them off it
+        for g in gens:
+            g.head.weight.normal_(0.0, 0.1)
+    return gens
+
+
+def test_generator_objective_total_is_the_weighted_sum_of_named_terms():
+    g1, g2 = _perturbed_generators()
+    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
+    x_h, x_p = torch.rand(2, 1, 16, 16, 16), torch.rand(2, 1, 16, 16, 16)
+    y = torch.zeros_like(x_h)
+    y[:, :, 6:9, 6:9, 6:9] = 1
+    bm = torch.ones_like(x_h)
+    out = GeneratorObjective(g1, g2, d1, d2, paper_terms(am_in_hph=True))(x_h, y, x_p, y, bm, bm)
+    # the paper symbols, computed here from the networks directly
+    with torch.no_grad():
+        fake_p, fake_h = g1(x_h, y), g2(x_p, y)
+        cc = L_CC(g2(fake_p, y), x_h) + L_CC(g1(fake_h, y), x_p)
+        ident = L_ID(g2(x_h, torch.zeros_like(y)), x_h) + L_ID(g1(x_p, y), x_p)
+        am = L_AM(fake_h, x_p, y, bm) + L_AM(fake_p, x_h, y, bm)
+        gan = L_GAN(d1(fake_p)) + L_GAN(d2(fake_h))
+    for name, ref in (("CC", cc), ("ID", ident), ("AM", am), ("GAN", gan)):
+        torch.testing.assert_close(out[name], ref, msg=name)
+    assert min(cc.item(), ident.item(), am.item()) > 0  # every term is exercised
+    torch.testing.assert_close(out["G"].detach(), 10 * cc + 5 * ident + 10 * am + gan)  # the paper's defaults
+    torch.testing.assert_close(out["fake_p"], fake_p)
+    # other weights and a subset of terms: only those are computed and reported
+    two = GeneratorObjective(g1, g2, d1, d2, [CycleConsistencyLoss(weight=3.0), AdversarialLoss(weight=0.5)])
+    out2 = two(x_h, y, x_p, y, bm, bm)
+    assert {k for k, v in out2.items() if v.ndim == 0} == {"G", "CC", "GAN"}
+    torch.testing.assert_close(out2["G"].detach(), 3 * cc + 0.5 * gan)
+
+
+def test_generator_objective_rejects_bad_terms():
+    g1, g2 = _perturbed_generators()
+    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
+    with pytest.raises(ValueError, match="at least one"):
+        GeneratorObjective(g1, g2, d1, d2, [])
+    with pytest.raises(ValueError, match="unique"):
+        GeneratorObjective(g1, g2, d1, d2, [IdentityLoss(), IdentityLoss(weight=1.0)])
+    with pytest.raises(ValueError, match="unique"):
+        GeneratorObjective(g1, g2, d1, d2, [AbnormalityMaskLoss(name="G")])
+    with pytest.raises(ValueError, match="name and a weight"):
+        GeneratorObjective(g1, g2, d1, d2, [nn.L1Loss()])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -84,7 +86,13 @@ def test_bank_contents_and_roundtrip(bank, tmp_path):
     assert bank.prior.shape == (8, 8, 8) and bank.prior.sum() == pytest.approx(1.0) and (bank.prior > 0).all()
     # lesions were in GM/WM/deep GM, never CSF or background
     assert bank.tissue_fraction[[0, 1]].sum() == 0 and bank.tissue_fraction.sum() == pytest.approx(1.0)
-    path = bank.save(tmp_path / "bank.npz")
+    old_umask = os.umask(0o022)
+    try:
+        path = bank.save(tmp_path / "bank.npz")
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o644  # the user's umask, not a private temporary's 0600
+    assert [f.name for f in tmp_path.iterdir()] == ["bank.npz"]  # no temporary left
     back = LesionBank.load(path)
     assert len(back) == len(bank) and all(np.array_equal(a, b) for a, b in zip(back.shapes, bank.shapes))
     np.testing.assert_allclose(back.prior, bank.prior)
@@ -230,3 +238,20 @@ def test_bank_and_sampler_on_phantom_cohort(tiny_cohort, tmp_path):
     for _ in range(3):
         lab = t2(no_tissue)["label"][0].numpy()
         assert lab.max() >= 8 and np.isin(tis[lab > 0], (2, 3, 4)).all()
+
+
+def test_bank_splits_a_binary_mask_into_its_lesions():
+    """A 0/255 mask holding three CMBs gives three lesion shapes and a count of 3, not one merged lesion."""
+    lab = np.zeros((30, 30, 20), np.uint8)
+    for c in ((8, 8, 8), (20, 10, 10), (12, 22, 12)):
+        lab[c[0] - 1:c[0] + 2, c[1] - 1:c[1] + 2, c[2] - 1:c[2] + 2] = 255
+    bm = np.zeros_like(lab)
+    bm[2:28, 2:28, 2:18] = 1
+    bank = LesionBank.from_arrays([lab], [bm], sources=["binary.nii.gz"])
+    assert len(bank) == 3 and bank.counts.tolist() == [3] and bank.sizes.tolist() == [27, 27, 27]
+    assert bank.split_sources == ["binary.nii.gz"]
+    inst = lab.astype(np.int64) // 255
+    inst[18:23, :, :] *= 2
+    inst[10:15, 20:25, :] *= 3
+    kept = LesionBank.from_arrays([inst], [bm])
+    assert len(kept) == 3 and kept.split_sources == []

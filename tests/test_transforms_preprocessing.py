@@ -9,7 +9,7 @@ import torch
 
 from transforms.checks import CheckSWId
 from transforms.intensity import PercentileScaled, invert_percentile_scale, percentile_scale
-from transforms.pipelines import patch_sampling, preprocessing
+from transforms.pipelines import preprocessing
 
 AFF = np.diag([0.98, 0.98, 1.0, 1.0])
 
@@ -93,17 +93,6 @@ def test_percentile_scaled_without_mask_key():
     x = torch.arange(101, dtype=torch.float32).reshape(1, 101, 1, 1).expand(1, 101, 2, 2).clone()
     d = PercentileScaled(mask_key=None, upper=100.0)({"image": x})
     assert float(d["image"].max()) == 1.0 and float(d["image"].min()) == 0.0
-
-
-def test_patch_sampling_oversamples_lesions(scan):
-    d = preprocessing()({k: v for k, v in scan.items() if not k.startswith("_")})
-    sampler = patch_sampling(patch_size=(8, 8, 8), pos=1.0, neg=0.0, num_samples=4)
-    sampler.set_random_state(0)
-    out = sampler(d)
-    assert len(out) == 4
-    for p in out:
-        assert p["image"].shape == (1, 8, 8, 8)
-        assert int(p["label"][0, 4, 4, 4]) > 0  # patch centred on a lesion voxel
 
 
 # ----------------------------------------------------------------------------------------------- bad input

@@ -12,18 +12,12 @@ from typing import Any
 
 _EXPORTS = {
     "preprocessing": "pipelines",
-    "patch_sampling": "pipelines",
     "CheckedCompose": "pipelines",
     "PercentileScaled": "intensity",
     "percentile_scale": "intensity",
     "invert_percentile_scale": "intensity",
     "CheckSWId": "checks",
     "LoadImageCheckedd": "checks",
-    "z_patch_starts": "patches",
-    "padded_depth": "patches",
-    "ZPatchSampler": "patches",
-    "ZPatchesd": "patches",
-    "stitch_z_patches": "patches",
     "CandidatePatchesd": "patches",
     "extract_candidate_patches": "patches",
     "classical_augmentation": "augment",

@@ -40,6 +40,8 @@ from monai.config import KeysCollection
 from monai.transforms import MapTransform
 from scipy import ndimage
 
+from transforms.spacing import RATIO_DECIMALS, half_widths, snap_spacing, voxel_ratio, within_radius
+
 __all__ = [
     "DEFAULT_RADII_MM",
     "DEFAULT_ALPHA",
@@ -72,8 +74,9 @@ def kappa_for_radius(n: float) -> float:
 
 
 def _gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
-    """The same normalised kernel as ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``)."""
-    radius = int(truncate * float(sigma) + 0.5)
+    """The same normalised kernel as ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``,
+    the argument rounded to ``RATIO_DECIMALS`` decimals so that spacing noise cannot change the radius)."""
+    radius = int(np.floor(round(truncate * float(sigma) + 0.5, RATIO_DECIMALS)))
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
     return phi / phi.sum()
@@ -136,7 +139,7 @@ def _frst_numpy(
     del grads
     # Votes are accumulated in a volume padded by the largest offset, so no bounds test is needed per vote;
     # the padding (votes that fell outside the volume) is cropped away afterwards.
-    pad = [int(np.ceil(max(radii_mm) / s)) + 1 for s in spacing]
+    pad = [int(v) + 1 for v in np.ceil(voxel_ratio(max(radii_mm), spacing))]
     pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
     strides = (pshape[1] * pshape[2], pshape[2], 1)
     coords = np.unravel_index(voters, shape)
@@ -261,7 +264,7 @@ def _frst_torch(
     m = mag[idx]
     units = [grads[ax][idx] / m for ax in range(3)]
     del grads, mag, sel
-    pad = [int(np.ceil(max(radii_mm) / s)) + 1 for s in spacing]  # padded accumulation, as in _frst_numpy
+    pad = [int(v) + 1 for v in np.ceil(voxel_ratio(max(radii_mm), spacing))]  # padded accumulation, as numpy
     pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
     strides = (pshape[1] * pshape[2], pshape[2], 1)
     flat_p = (idx[0] + pad[0]) * strides[0] + (idx[1] + pad[1]) * strides[1] + (idx[2] + pad[2])
@@ -312,6 +315,8 @@ def frst_3d(
         volume: (X, Y, Z) intensities (any scale; the map scales linearly with the intensity scale).
             A leading channel of size 1 is accepted and kept in the output.
         spacing: voxel size in mm along X, Y, Z; radii and smoothing are converted to voxels per axis.
+            Rounded to 1e-6 mm first (``transforms.spacing.snap_spacing``): floating-point noise in an
+            affine's spacing does not change the map.
         radii_mm: radii of the blobs to detect, in mm (CMBs: diameter 2-10 mm).
         alpha: radial strictness (exponent of the clipped orientation term).
         beta: gradient threshold as a fraction of the maximum gradient magnitude (inside ``mask`` if given).
@@ -335,6 +340,7 @@ def frst_3d(
     channel = volume.ndim == 4 and volume.shape[0] == 1
     vol = volume[0] if channel else volume
     _check_volume(vol, spacing, radii_mm)
+    spacing = snap_spacing(spacing)  # 1.00000003 mm computes exactly as 1 mm
     if mask is not None:
         mask = mask[0] if (mask.ndim == 4 and mask.shape[0] == 1) else mask
         if tuple(mask.shape) != tuple(vol.shape):
@@ -359,12 +365,14 @@ def frst_3d(
 
 
 def _ellipsoid_footprint(radius_mm: float, spacing: Sequence[float]) -> np.ndarray:
-    """Boolean ellipsoid of ``radius_mm`` in voxel units of ``spacing`` (at least 3 voxels wide per axis)."""
-    half = [max(1, int(np.floor(radius_mm / s))) for s in spacing]
-    grid = np.meshgrid(*[np.arange(-h, h + 1) * s for h, s in zip(half, spacing)], indexing="ij")
-    d2 = sum(g**2 for g in grid)
-    fp = d2 <= max(radius_mm, max(spacing)) ** 2
-    return fp
+    """Boolean ellipsoid of ``radius_mm`` in voxel units of ``spacing`` (at least 3 voxels wide per axis).
+
+    Robust to floating-point noise in ``spacing`` (snapped to 1e-6 mm; exact ratios and boundary voxels kept,
+    see :mod:`transforms.spacing`)."""
+    spacing = snap_spacing(spacing)
+    half = half_widths(radius_mm, spacing, minimum=1)
+    offsets = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), axis=-1)
+    return within_radius(offsets, spacing, max(radius_mm, max(spacing)))
 
 
 def snap_to_darkest(

@@ -8,7 +8,7 @@ can be mapped back to the input's range with :func:`invert_percentile_scale`.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping
 from typing import Any
 
 import numpy as np
@@ -130,8 +130,3 @@ class PercentileScaled(MapTransform, InvertibleTransform):
             info = op["extra_info"]
             d[key] = invert_percentile_scale(d[key], float(info["lo"]), float(info["hi"]))
         return d
-
-    @staticmethod
-    def inverse_values(x: np.ndarray | torch.Tensor, scale: Sequence[float]) -> np.ndarray | torch.Tensor:
-        """``invert_percentile_scale(x, *scale)``, with ``scale`` the stored ``meta["percentile_scale"]``."""
-        return invert_percentile_scale(x, float(scale[0]), float(scale[1]))

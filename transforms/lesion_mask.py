@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
+import uuid
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from monai.utils import get_seed
 from scipy import ndimage
 
 from .checks import filename_of
+from .labels import as_instance_labels
 
 __all__ = ["LesionBank", "RandLesionMaskd", "allowed_region", "TISSUE_CLASSES"]
 
@@ -108,6 +109,7 @@ class LesionBank:
         self.tissue_fraction = np.zeros(len(TISSUE_CLASSES)) if tissue_fraction is None else np.asarray(tissue_fraction, float)
         self.spacing = np.asarray(spacing, dtype=np.float64)
         self.sources = [str(s) for s in sources]
+        self.split_sources: list[str] = []  # label maps that were binary masks, split into components
 
     def __len__(self) -> int:
         return len(self.shapes)
@@ -133,6 +135,9 @@ class LesionBank:
     ) -> LesionBank:
         """Build from instance label maps (X, Y, Z) (0 background), their brain masks and tissue maps.
 
+        A label map with a single non-zero value (a binary 0/1 or 0/255 mask) is split into connected components
+        (logged; the names are kept in ``split_sources``), so several CMBs never become one "lesion".
+
         ``bins``: prior histogram bins per axis; ``sigma``: Gaussian smoothing (bins); ``floor``: added to
         every bin as a fraction of the mean bin value, so no in-brain region has zero probability.
         """
@@ -140,10 +145,16 @@ class LesionBank:
         counts: list[int] = []
         centres: list[np.ndarray] = []
         tissue_hist = np.zeros(len(TISSUE_CLASSES))
+        split_sources: list[str] = []
         tissues = list(tissues) if tissues is not None else [None] * len(labels)
         for n, (lab, bm, tis) in enumerate(zip(labels, brainmasks, tissues)):
-            lab, bm = _spatial(lab).astype(np.int64), _spatial(bm) > 0
             name = sources[n] if n < len(sources) else f"scan {n}"
+            lab, split_up = as_instance_labels(_spatial(lab), name)
+            bm = _spatial(bm) > 0
+            if split_up:
+                logger.warning("%s: binary lesion mask split into %d connected components (one lesion each)", name,
+                               int(lab.max()))
+                split_sources.append(name)
             if lab.shape != bm.shape:
                 raise ValueError(f"{name}: label shape {lab.shape} != brain mask shape {bm.shape}")
             if not bm.any():
@@ -171,7 +182,9 @@ class LesionBank:
         hist = hist / hist.sum()
         hist = hist + floor / hist.size
         tf = tissue_hist / tissue_hist.sum() if tissue_hist.sum() > 0 else None
-        return cls(shapes, counts, hist, tf, spacing, sources)
+        bank = cls(shapes, counts, hist, tf, spacing, sources)
+        bank.split_sources = split_sources
+        return bank
 
     @classmethod
     def from_items(
@@ -223,7 +236,9 @@ class LesionBank:
         dims = np.array([s.shape for s in self.shapes], dtype=np.int64)
         flat = np.concatenate([s.ravel() for s in self.shapes]).astype(np.uint8)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        tmp = str(path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp")
+        # os.open with 0o666 lets the user's umask decide the mode (mkstemp would make it private)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
             with os.fdopen(fd, "wb") as f:
                 np.savez_compressed(

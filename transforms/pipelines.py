@@ -3,8 +3,7 @@
 - :func:`preprocessing`: load (nibabel / ITK via MONAI's ``LoadImaged``) -> channel first -> RAS ->
   :class:`~transforms.checks.CheckSWId` -> masks to uint8, labels to int32 -> mask-restricted percentile
   clip + rescale to [0, 1] (values recorded in ``meta["percentile_scale"]``, so it is invertible).
-- :func:`patch_sampling`: random training patches, lesion-oversampled (MONAI ``RandCropByPosNegLabeld``).
-- cDA is :func:`transforms.augment.classical_augmentation`; z-patch grids are in :mod:`transforms.patches`.
+- cDA is :func:`transforms.augment.classical_augmentation`; candidate patches are in :mod:`transforms.patches`.
 """
 
 from __future__ import annotations
@@ -19,14 +18,12 @@ from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
     Orientationd,
-    RandCropByPosNegLabeld,
-    SpatialPadd,
 )
 
 from .checks import CheckSWId, LoadImageCheckedd
 from .intensity import PercentileScaled
 
-__all__ = ["preprocessing", "patch_sampling", "CheckedCompose"]
+__all__ = ["preprocessing", "CheckedCompose"]
 
 
 class CheckedCompose(Compose):
@@ -107,42 +104,3 @@ def preprocessing(
         steps.append(CastToTyped(label_keys + extra_keys, dtype=torch.int32, allow_missing_keys=amk))
     steps.append(PercentileScaled(keys, mask_key=mask_keys[0] if mask_keys else None, lower=lower, upper=upper, clip=clip))
     return CheckedCompose(steps)
-
-
-def patch_sampling(
-    keys: Sequence[str] = ("image", "label", "brainmask"),
-    label_key: str = "label",
-    patch_size: Sequence[int] = (160, 146, 32),
-    pos: float = 3.0,
-    neg: float = 1.0,
-    num_samples: int = 1,
-    brainmask_key: str | None = "brainmask",
-    allow_missing_keys: bool = False,
-) -> Compose:
-    """Random training patches with lesion oversampling (for GAN training on pathological scans).
-
-    Pads every key to at least ``patch_size`` (zeros), then MONAI ``RandCropByPosNegLabeld``: a patch centred
-    on a lesion voxel (``label > 0``) with probability ``pos / (pos + neg)``, else on a brain voxel
-    (``brainmask > 0``; any voxel if ``brainmask_key`` is None). The default ``patch_size`` is the paper's
-    whole-axial-plane 160x146x32 patch. Returns a Compose whose output is a list of ``num_samples`` dicts.
-    Healthy scans (empty ``label``) fall back to brain-centred crops.
-    """
-    keys = tuple(keys)
-    size = tuple(int(s) for s in patch_size)
-    return Compose(
-        [
-            SpatialPadd(keys, spatial_size=size, mode="constant", allow_missing_keys=allow_missing_keys),
-            RandCropByPosNegLabeld(
-                keys,
-                label_key=label_key,
-                spatial_size=size,
-                pos=pos,
-                neg=neg,
-                num_samples=num_samples,
-                image_key=brainmask_key,
-                image_threshold=0,
-                allow_smaller=True,
-                allow_missing_keys=allow_missing_keys,
-            ),
-        ]
-    )

@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import ndimage
 
+from transforms.spacing import voxel_ratio
+
 __all__ = ["estimate_brainmask"]
 
 
@@ -56,7 +58,7 @@ def estimate_brainmask(image: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 
     for k in range(fg.shape[2]):
         fg[..., k] = ndimage.binary_fill_holes(fg[..., k])
     if erode_mm > 0:
-        r = [max(1, int(round(erode_mm / s))) for s in spacing]
+        r = [max(1, int(v)) for v in np.rint(voxel_ratio(erode_mm, spacing))]
         fg = ndimage.binary_erosion(fg, structure=np.ones([2 * x + 1 for x in r], bool))
     if not fg.any():
         raise ValueError("estimate_brainmask: the estimated mask is empty")

@@ -49,6 +49,7 @@ def load_split(
     required: Sequence[str] = ("image",),
     check_files: bool = True,
     missing_ok: bool = False,
+    nonempty: bool = False,
 ) -> list[dict[str, Any]]:
     """Items of ``split`` with absolute paths (relative ones are taken from the datalist's folder).
 
@@ -57,20 +58,24 @@ def load_split(
         split: list name, e.g. ``"training"``.
         required: keys every item must have.
         check_files: every file named by a :data:`FILE_KEYS` entry must exist.
-        missing_ok: a datalist without ``split`` gives ``[]`` instead of an error.
+        missing_ok: a datalist without ``split`` gives ``[]`` instead of an error (unless ``nonempty``).
+        nonempty: the split must hold at least one item (e.g. the validation list of a training run).
 
     Raises:
         FileNotFoundError: the datalist or a file it names is missing (both named).
-        ValueError: not JSON, no such split, an item that is not an object or lacks a ``required`` key.
+        ValueError: not JSON, no such split, an empty split with ``nonempty``, an item that is not an object or
+            lacks a ``required`` key.
     """
     path = Path(datalist)
     raw = read_datalist(path)
     if split not in raw:
-        if missing_ok:
+        if missing_ok and not nonempty:
             return []
         raise ValueError(f"{path}: no {split!r} list (has {sorted(raw)})")
     if not isinstance(raw[split], list):
         raise ValueError(f"{path}: {split!r} must be a list of items")
+    if nonempty and not raw[split]:
+        raise ValueError(f"{path}: the {split!r} list is empty; it needs at least one item")
     for n, item in enumerate(raw[split]):
         if not isinstance(item, dict):
             raise ValueError(f"{path}: {split}[{n}] is not an object")

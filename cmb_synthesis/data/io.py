@@ -1,8 +1,12 @@
 """Safe file output and checked volume input.
 
-Every file this project writes goes through :func:`atomic_output` (or :func:`atomic_directory` for a whole
-folder): the content is written to a temporary sibling and renamed into place only once it is complete, so a
-crash never leaves a half-written file, and :func:`check_not_input` refuses to write over an input.
+Every file this project writes goes through :func:`atomic_output` (:func:`atomic_outputs` for several files
+that belong together, :func:`atomic_directory` for a whole folder): the content is written to a hidden temporary
+sibling (``.<name>.<random>.tmp...``) and renamed into place only once it is complete, so a crash never leaves a
+half-written file; the published file or folder gets the mode the user's umask gives new files (0644 / 0755 under
+umask 022), not the private mode of the temporary. :func:`check_not_input` refuses to write over an input,
+:func:`prepare_output_dir` checks an output folder before any work and removes the temporaries a killed run
+left there (:func:`remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -10,10 +14,12 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
+import logging
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,9 +27,15 @@ import numpy as np
 
 PathLike = str | os.PathLike
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "atomic_output",
+    "atomic_outputs",
     "atomic_directory",
+    "is_temporary",
+    "remove_stale_temporaries",
+    "prepare_output_dir",
     "check_not_input",
     "save_nifti",
     "write_json",
@@ -32,9 +44,69 @@ __all__ = [
 ]
 
 
+# the hidden temporaries made below: ".<name>.<8 random chars>.tmp[<ext>]" (files, folders) or ".old" (folders)
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.(tmp(\..+)?|old)$")
+
+
 def _nifti_suffix(path: Path) -> str:
     name = path.name
     return ".nii.gz" if name.endswith(".nii.gz") else path.suffix
+
+
+def _umask() -> int:
+    """The process umask (read without changing it where ``/proc`` tells it)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _publish(tmp: Path, path: Path, directory: bool = False) -> None:
+    """Give ``tmp`` the umask-derived mode of a new file (0o666) or folder (0o777) and rename it to ``path``."""
+    os.chmod(tmp, (0o777 if directory else 0o666) & ~_umask())
+    os.replace(tmp, path)
+
+
+def _temporary_file(path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_nifti_suffix(path)}", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_outputs(paths: Mapping[str, PathLike], overwrite: bool = True) -> Iterator[dict[str, Path]]:
+    """Yield temporary paths (same keys) beside ``paths``; rename ALL of them into place only when the block
+    ends without error, so files that belong together (an image and its label map) are replaced together.
+
+    Each temporary name keeps its file's extension (``.nii.gz`` included) so writers that dispatch on the
+    suffix work. On an exception every temporary file is removed and every ``path`` is left as it was.
+
+    Raises:
+        FileExistsError: one of ``paths`` exists and ``overwrite`` is False (all named).
+    """
+    targets = {k: Path(p) for k, p in paths.items()}
+    if not overwrite:
+        existing = [str(p) for p in targets.values() if p.exists()]
+        if existing:
+            raise FileExistsError(f"{', '.join(existing)}: output exists (pass overwrite=True to replace it)")
+    tmps: dict[str, Path] = {}
+    try:
+        for key, path in targets.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmps[key] = _temporary_file(path)
+        yield dict(tmps)
+        for key, path in targets.items():
+            _publish(tmps[key], path)
+    finally:
+        for tmp in tmps.values():
+            if tmp.exists():
+                tmp.unlink()
 
 
 @contextlib.contextmanager
@@ -47,19 +119,8 @@ def atomic_output(path: PathLike, overwrite: bool = True) -> Iterator[Path]:
     Raises:
         FileExistsError: ``path`` exists and ``overwrite`` is False.
     """
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"{path}: output exists (pass overwrite=True to replace it)")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{_nifti_suffix(path)}", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+    with atomic_outputs({"file": path}, overwrite=overwrite) as tmps:
+        yield tmps["file"]
 
 
 @contextlib.contextmanager
@@ -83,13 +144,72 @@ def atomic_directory(path: PathLike, overwrite: bool = False) -> Iterator[Path]:
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / path.name)
-            os.replace(tmp, path)
+            _publish(tmp, path, directory=True)
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, path)
+            _publish(tmp, path, directory=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def is_temporary(path: PathLike) -> bool:
+    """True for the hidden temporaries of :func:`atomic_output` / :func:`atomic_directory`
+    (``.<name>.<random>.tmp[.ext]`` / ``.<name>.<random>.old``)."""
+    return bool(_TEMPORARY.match(Path(path).name))
+
+
+def remove_stale_temporaries(folder: PathLike) -> list[Path]:
+    """Remove the temporaries (see :func:`is_temporary`) directly inside ``folder``, e.g. those a killed run
+    left behind; other files, hidden or not, are kept. Returns the removed paths.
+
+    Only one run may write into a folder at a time: the temporaries of a run still going would be removed too.
+    """
+    removed = []
+    for p in sorted(Path(folder).iterdir()):
+        if not is_temporary(p):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def prepare_output_dir(output_dir: PathLike, inputs: Iterable[PathLike] = ()) -> Path:
+    """Check an output folder before any work: create it if missing, refuse it when it is (or lies under) a
+    file, is not writable or is one of the ``inputs`` folders; then remove stale temporaries in it.
+
+    Returns:
+        ``output_dir`` as a ``Path``.
+
+    Raises:
+        ValueError: ``output_dir`` is one of ``inputs``. NotADirectoryError: it is a file or cannot be created
+        (a parent is a file). PermissionError: it cannot be created or written to.
+    """
+    out = Path(output_dir)
+    for item in inputs:
+        if item is not None and Path(item).resolve() == out.resolve():
+            raise ValueError(f"{out}: output folder must differ from the input folder")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out}: output folder is an existing file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError) as e:
+        raise NotADirectoryError(f"{out}: cannot create the output folder, a parent is a file ({e})") from e
+    except PermissionError as e:
+        raise PermissionError(f"{out}: cannot create the output folder, permission denied ({e})") from e
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"{out}: output folder is not writable")
+    try:  # os.access does not see everything (e.g. some network file systems): try a real file
+        probe = _temporary_file(out / "write-test")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"{out}: output folder is not writable ({e})") from e
+    for p in remove_stale_temporaries(out):
+        logger.info("%s: removed a temporary file left by an interrupted run", p)
+    return out
 
 
 def check_not_input(output: PathLike, inputs: Iterable[PathLike]) -> None:

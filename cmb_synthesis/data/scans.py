@@ -15,13 +15,17 @@ an inference pipeline can do::
     out = model(data["image"][None])[0]                  # canonical grid
     write_like(out, path, out_path)                      # input's grid, affine and header
 
-DICOM series (a folder, or one ``.dcm`` file of it) are read with ITK (GDCM) through MONAI's ``ITKReader``;
-their outputs are NIfTI files in the series' patient space (DICOM has no NIfTI header to copy).
+DICOM series (a folder, or one ``.dcm`` file of it) are read with ITK (GDCM) by
+:func:`cmb_synthesis.data.dicom.read_dicom_series`, which refuses a folder of several series unless
+``series_uid`` picks one and refuses unevenly spaced slices (a missing or corrupt slice); their outputs are
+NIfTI files in the series' patient space (DICOM has no NIfTI header to copy). Every input's voxel size is
+checked against a plausible range before its voxels are read (:func:`cmb_synthesis.data.geometry.check_spacing`).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,14 +37,18 @@ from monai.data import MetaTensor
 from nibabel.orientations import axcodes2ornt, io_orientation, ornt_transform
 
 from cmb_synthesis.data.brainmask import estimate_brainmask
-from cmb_synthesis.data.labels import as_instance_labels
+from cmb_synthesis.data.dicom import read_dicom_series
+from cmb_synthesis.data.geometry import PLAUSIBLE_SPACING_MM, SPACING_WARN_RATIO, canonical_spacing, check_spacing
+from transforms.labels import as_instance_labels
 from cmb_synthesis.data.io import PathLike, check_not_input, save_nifti
 from cmb_synthesis.data.naming import scan_id_of
 from transforms.pipelines import preprocessing
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CanonicalImage", "is_dicom", "read_image", "to_canonical", "from_canonical", "write_like", "load_scan"]
+__all__ = ["PLAUSIBLE_SPACING_MM", "SPACING_WARN_RATIO", "CanonicalImage", "is_dicom", "canonical_spacing",
+           "check_spacing", "read_image", "to_canonical", "from_canonical", "write_like", "load_scan"]
+
 
 @dataclass
 class CanonicalImage:
@@ -73,34 +81,36 @@ def is_dicom(path: PathLike) -> bool:
     return p.is_dir() or p.suffix.lower() in (".dcm", ".ima")
 
 
-def _read_dicom(path: Path) -> nib.Nifti1Image:
-    from monai.data import ITKReader
-
-    folder = path if path.is_dir() else path.parent
-    try:
-        reader = ITKReader(affine_lps_to_ras=True)  # (X, Y, Z) array, RAS affine
-        img = reader.read(str(folder))
-        arr, meta = reader.get_data(img)
-    except Exception as e:  # ITK raises RuntimeError with GDCM messages
-        raise ValueError(f"{folder}: not a readable DICOM series ({e})") from e
-    arr = np.asarray(arr)
-    if arr.ndim != 3:
-        raise ValueError(f"{folder}: expected a 3-D DICOM series, got shape {arr.shape}")
-    return nib.Nifti1Image(arr, np.asarray(meta["affine"], dtype=np.float64))
+def _read_dicom(path: Path, series_uid: str | None = None) -> nib.Nifti1Image:
+    """One DICOM series (a folder, or one file selecting its series), slice geometry checked: see
+    :func:`cmb_synthesis.data.dicom.read_dicom_series`."""
+    return read_dicom_series(path, series_uid=series_uid)
 
 
-def read_image(path: PathLike) -> nib.Nifti1Image:
+def read_image(
+    path: PathLike,
+    series_uid: str | None = None,
+    spacing_range: tuple[float, float] | None = PLAUSIBLE_SPACING_MM,
+    expected_spacing: Sequence[float] | None = None,
+) -> nib.Nifti1Image:
     """Read a 3-D NIfTI file (nibabel, header kept) or DICOM series (ITK) as a ``Nifti1Image``.
+
+    Args:
+        path: NIfTI file, DICOM folder or one DICOM file (which selects its series).
+        series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
+        spacing_range, expected_spacing: voxel size checks, see :func:`check_spacing` (done before the voxels
+            are read).
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
-        ValueError: not a readable image, not 3-D (4-D with one volume is squeezed), or NaN/Inf voxels.
+        ValueError: not a readable image, not 3-D (4-D with one volume is squeezed), NaN/Inf voxels, an
+            implausible voxel size, several DICOM series without ``series_uid``, uneven DICOM slice positions.
     """
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p}: input image does not exist")
     if is_dicom(p):
-        img = _read_dicom(p)
+        img = _read_dicom(p, series_uid)
     else:
         try:
             img = nib.load(str(p))
@@ -111,11 +121,12 @@ def read_image(path: PathLike) -> nib.Nifti1Image:
             img = img.slicer[..., 0]
         if len(img.shape) != 3:
             raise ValueError(f"{p}: expected a 3-D volume, got shape {shape}")
+    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
+        raise ValueError(f"{p}: invalid (singular or non-finite) voxel-to-world affine")
+    check_spacing(img.affine, p, spacing_range, expected_spacing)
     data = np.asanyarray(img.dataobj)
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise ValueError(f"{p}: contains NaN or Inf voxels")
-    if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
-        raise ValueError(f"{p}: invalid (singular or non-finite) voxel-to-world affine")
     return img
 
 
@@ -131,20 +142,36 @@ def _resampling_grid(shape: tuple[int, ...], affine: np.ndarray, spacing: tuple[
 
 
 def to_canonical(
-    path: PathLike, spacing: tuple[float, float, float] | None = None, order: int = 1, dtype: Any = np.float32
+    path: PathLike,
+    spacing: tuple[float, float, float] | None = None,
+    order: int = 1,
+    dtype: Any = np.float32,
+    series_uid: str | None = None,
+    spacing_range: tuple[float, float] | None = PLAUSIBLE_SPACING_MM,
+    expected_spacing: Sequence[float] | None = None,
 ) -> CanonicalImage:
     """Load ``path`` in closest-canonical RAS orientation, optionally resampled to ``spacing`` (mm).
 
     Args:
-        path: NIfTI file or DICOM series folder.
+        path: NIfTI file, DICOM series folder or one file of a series.
         spacing: target voxel size, e.g. ``(0.98, 0.98, 1.0)``; None keeps the input's voxels (exact).
         order: spline order for resampling (1 linear for images, 0 nearest for labels).
         dtype: data type of the returned array (None keeps the stored type).
+        series_uid: SeriesInstanceUID to read from a DICOM folder holding several series.
+        spacing_range: ``(low, high)`` mm accepted for the input's and the target's voxel size (None: any).
+        expected_spacing: the model's training spacing; a warning is logged when the input differs much.
 
     Raises:
-        FileNotFoundError / ValueError: see :func:`read_image`; a non-positive spacing.
+        FileNotFoundError / ValueError: see :func:`read_image`; a non-positive or implausible ``spacing``.
     """
-    img = read_image(path)
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)  # type: ignore[assignment]
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"{path}: spacing must be 3 positive numbers, got {spacing}")
+        if spacing_range is not None and not all(spacing_range[0] <= s <= spacing_range[1] for s in spacing):
+            raise ValueError(f"{path}: implausible target spacing {spacing} mm; expected "
+                             f"{spacing_range[0]:g}-{spacing_range[1]:g} mm per axis")
+    img = read_image(path, series_uid=series_uid, spacing_range=spacing_range, expected_spacing=expected_spacing)
     can = nib.as_closest_canonical(img)
     arr = np.asanyarray(can.dataobj)
     if dtype is not None:
@@ -152,9 +179,6 @@ def to_canonical(
     affine = can.affine.copy()
     resampled = False
     if spacing is not None:
-        spacing = tuple(float(s) for s in spacing)
-        if len(spacing) != 3 or min(spacing) <= 0:
-            raise ValueError(f"{path}: spacing must be 3 positive numbers, got {spacing}")
         if not np.allclose(can.header.get_zooms()[:3], spacing, atol=1e-4):
             from nibabel.processing import resample_from_to
 
@@ -284,6 +308,7 @@ def load_scan(
     lower: float = 0.0,
     upper: float = 99.5,
     estimate_mask: bool = True,
+    series_uid: str | None = None,
 ) -> dict[str, Any]:
     """Load and preprocess one scan for the detector.
 
@@ -294,6 +319,7 @@ def load_scan(
         label: CMB instance labels on the image's grid (optional; training/evaluation).
         scan_id: identifier (default from the file name, see :func:`scan_id_of`).
         lower, upper: intensity percentiles (inside the brain mask) mapped to 0 and 1.
+        series_uid: SeriesInstanceUID of ``image`` when it is a DICOM folder holding several series.
 
     Returns:
         dict with ``image`` (1, X, Y, Z) float32 MetaTensor in [0, 1], RAS; ``brainmask`` (1, X, Y, Z) uint8;
@@ -304,7 +330,7 @@ def load_scan(
     Raises:
         FileNotFoundError / ValueError naming the file (missing, unreadable, NaN, masks on another grid, ...).
     """
-    can = to_canonical(image, dtype=np.float32)
+    can = to_canonical(image, dtype=np.float32, series_uid=series_uid)
     data: dict[str, Any] = {"image": _meta_tensor(can.array, can.affine, str(image))}
     mask_keys: tuple[str, ...] = ("brainmask",)
     if brainmask is not None:

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from cmb_synthesis.data.batch import BatchInferenceError, BatchJob, run_batch
 from cmb_synthesis.data.datalist import load_split
-from cmb_synthesis.data.io import PathLike, write_json
-from cmb_synthesis.data.naming import find_brainmask, find_inputs, scan_id_of
+from cmb_synthesis.data.io import PathLike
+from cmb_synthesis.data.naming import find_brainmask, find_inputs, unique_scan_ids
 from cmb_synthesis.data.scans import load_scan, write_like
 from cmb_synthesis.detection.candidates import scan_candidates, to_source_voxels
 from cmb_synthesis.evaluation.froc import evaluate
@@ -22,6 +23,7 @@ from cmb_synthesis.evaluation.hits import match_candidates
 from cmb_synthesis.evaluation.report import candidate_rows, read_candidates_csv, write_candidates_csv, write_report
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.patches import CandidatePatchesd
+from transforms.spacing import half_widths, snap_spacing, within_radius
 
 __all__ = ["load_classifier", "predict_patches", "detect_scan", "probability_map", "run_evaluation",
            "run_inference", "BatchInferenceError"]
@@ -83,9 +85,10 @@ def probability_map(shape: Sequence[int], coords: np.ndarray, probs: np.ndarray,
     """(X, Y, Z) float32 map: each candidate's probability on a ball of ``radius_mm`` around it (max where
     balls overlap), 0 elsewhere."""
     out = np.zeros(tuple(int(s) for s in shape), np.float32)
-    half = [max(0, int(np.floor(radius_mm / s))) for s in spacing]
+    spacing = snap_spacing(spacing)  # floating-point noise in the spacing does not change the ball
+    half = half_widths(radius_mm, spacing)
     grid = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1).reshape(-1, 3)
-    ball = grid[((grid * np.asarray(spacing)) ** 2).sum(1) <= radius_mm ** 2 + 1e-9]
+    ball = grid[within_radius(grid, spacing, radius_mm)]
     order = np.argsort(probs, kind="stable")  # ascending: higher probabilities written last (max)
     for c, p in zip(np.asarray(coords)[order], np.asarray(probs)[order]):
         pts = c[None] + ball
@@ -154,13 +157,9 @@ def run_evaluation(
     return metrics
 
 
-class BatchInferenceError(RuntimeError):
-    """Some scans of a batch failed; the others were processed. ``failures``: [{"image", "error"}]."""
-
-    def __init__(self, failures: list[dict[str, str]], n_total: int) -> None:
-        self.failures = failures
-        lines = "\n".join(f"  {f['image']}: {f['error']}" for f in failures)
-        super().__init__(f"{len(failures)} of {n_total} scans failed (the others were processed):\n{lines}")
+def _rows_of(job: BatchJob) -> dict[str, Any]:
+    """Summary info of a skipped scan: the candidates in its existing ``<id>_candidates.csv``."""
+    return {"n": len(read_candidates_csv(job.outputs["candidates"]))}
 
 
 def run_inference(
@@ -177,52 +176,44 @@ def run_inference(
 ) -> dict[str, Any]:
     """Detect CMBs on every SWI in ``dataset_dir`` (NIfTI files or DICOM series folders).
 
-    Per scan ``<id>`` (``<id>_swi.nii.gz`` -> ``<id>``): brain mask ``<id>_brainmask.nii.gz`` beside it when
-    present, else :func:`estimate_brainmask`; writes ``<id>_cmb_prob.nii.gz`` (float32 candidate
-    probabilities on balls of ``prob_radius_mm``, in the input's voxel grid, affine and header) and
-    ``<id>_candidates.csv`` (that scan's rows), each atomically. A scan whose two outputs already exist is
-    skipped (its rows are read back) unless ``overwrite``. After all scans: ``candidates.csv`` (all
-    successful scans) and ``inference_summary.json`` (``processed``, ``skipped``, ``failed``). A bad scan is
-    logged and skipped; if any failed, :class:`BatchInferenceError` is raised at the end with a summary
-    (non-zero exit of ``monai.bundle run``).
+    Per scan ``<id>`` (``<id>_swi.nii.gz`` -> ``<id>``; ids that clash, e.g. ``x.nii.gz`` beside
+    ``x_swi.nii.gz``, are made unique from the file name, see :func:`cmb_synthesis.data.naming.unique_scan_ids`):
+    brain mask ``<id>_brainmask.nii.gz`` beside it when present, else :func:`estimate_brainmask`; writes
+    ``<id>_cmb_prob.nii.gz`` (float32 candidate probabilities on balls of ``prob_radius_mm``, in the input's
+    voxel grid, affine and header) and ``<id>_candidates.csv`` (that scan's rows), together (one unit). The
+    batch (output folder checks, skip unless ``overwrite``, ``inference_summary.json`` and ``summary.csv``,
+    ``n`` = candidates) is :func:`cmb_synthesis.data.batch.run_batch`; an output folder inside ``dataset_dir``
+    is not read as an input. After all scans ``candidates.csv`` is rebuilt from the ``<id>_candidates.csv`` of
+    every scan that has one (written now or by an earlier run), so a failed rerun never loses rows. If any scan
+    failed, :class:`BatchInferenceError` is raised at the end (non-zero exit of ``monai.bundle run``).
     """
-    inputs = find_inputs(dataset_dir)
+    out = Path(output_dir)
+    inputs = find_inputs(dataset_dir, exclude=(out,))
     if not inputs:
         raise ValueError(f"{dataset_dir}: no SWI inputs (NIfTI files or DICOM folders) found")
-    out = Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    if out.resolve() == Path(dataset_dir).resolve():
-        raise ValueError(f"{out}: output folder must differ from the input folder")
-    rows: list[dict[str, Any]] = []
-    done, skipped, failures = [], [], []
-    for path in inputs:
-        try:
-            sid = scan_id_of(path)
-            prob_path, rows_path = out / f"{sid}_cmb_prob.nii.gz", out / f"{sid}_candidates.csv"
-            if not overwrite and prob_path.exists() and rows_path.exists():
-                rows += read_candidates_csv(rows_path)
-                skipped.append({"image": str(path), "id": sid, "probability_map": str(prob_path)})
-                logger.info("%s: outputs exist, skipped (use --overwrite true to replace)", path.name)
-                continue
-            mask = find_brainmask(path) if path.is_file() else None
-            scan = load_scan(path, mask, scan_id=sid)
-            coords, probs, _ = detect_scan(network, scan, patch_size, frst, cache_dir, batch_size, device)
-            pmap = probability_map(scan["image"].shape[1:], coords, probs, scan["spacing"], prob_radius_mm)
-            write_like(pmap, scan["canonical"], prob_path, dtype=np.float32, overwrite=True,
-                       inputs=[p for p in (path, mask) if p is not None])
-            scan_rows = _rows(scan, coords, probs)
-            write_candidates_csv(scan_rows, rows_path)
-            rows += scan_rows
-            done.append({"image": str(path), "id": scan["id"], "n_candidates": int(len(coords)),
-                         "mask": scan["mask_source"], "probability_map": str(prob_path)})
-            logger.info("%s: %d candidates, max probability %.3f", path.name, len(coords),
-                        float(probs.max()) if len(probs) else 0.0)
-        except Exception as e:  # noqa: BLE001 - a batch job reports every bad scan and goes on
-            failures.append({"image": str(path), "error": f"{type(e).__name__}: {e}"})
-            logger.error("%s: skipped (%s: %s)", path, type(e).__name__, e)
-    write_candidates_csv(rows, out / "candidates.csv")
-    summary = {"processed": done, "skipped": skipped, "failed": failures, "n_inputs": len(inputs)}
-    write_json(summary, out / "inference_summary.json")
-    if failures:
-        raise BatchInferenceError(failures, len(inputs))
-    return summary
+    jobs = []
+    for sid, path in zip(unique_scan_ids(inputs), inputs):
+        mask = find_brainmask(path) if path.is_file() else None
+        jobs.append(BatchJob(sid, str(path), {"probability_map": out / f"{sid}_cmb_prob.nii.gz",
+                                               "candidates": out / f"{sid}_candidates.csv"},
+                             inputs=tuple(str(p) for p in (path, mask) if p is not None), extra={"mask": mask}))
+
+    def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
+        scan = load_scan(job.image, job.extra["mask"], scan_id=job.id)
+        coords, probs, _ = detect_scan(network, scan, patch_size, frst, cache_dir, batch_size, device)
+        pmap = probability_map(scan["image"].shape[1:], coords, probs, scan["spacing"], prob_radius_mm)
+        write_like(pmap, scan["canonical"], tmp["probability_map"], dtype=np.float32, overwrite=True, inputs=job.inputs)
+        write_candidates_csv(_rows(scan, coords, probs), tmp["candidates"])
+        top = float(probs.max()) if len(probs) else 0.0
+        return {"n": int(len(coords)), "mask": scan["mask_source"], "max_probability": top,
+                "message": f"{len(coords)} candidates, max probability {top:.3f}, {scan['mask_source']} brain mask"}
+
+    def combine(summary: dict[str, Any]) -> None:
+        rows: list[dict[str, Any]] = []
+        for job in jobs:
+            if job.outputs["candidates"].is_file():
+                rows += read_candidates_csv(job.outputs["candidates"])
+        write_candidates_csv(rows, out / "candidates.csv")
+
+    return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(dataset_dir,), existing=_rows_of,
+                     finalize=combine)

@@ -104,7 +104,7 @@ def match_candidates(scan_id: str, coords: np.ndarray, probs: np.ndarray, instan
         coords: (N, 3) integer voxel indices of the candidates in ``instance_labels``' grid.
         probs: (N,) candidate probabilities (any real scores; higher = more likely a CMB).
         instance_labels: 3-D integer array, 0 background, one positive label per lesion (pass a binary mask
-            through :func:`cmb_synthesis.data.labels.as_instance_labels` first).
+            through :func:`transforms.labels.as_instance_labels` first).
 
     Returns:
         ScanResult with one entry per distinct positive label (sorted by label).

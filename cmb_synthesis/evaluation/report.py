@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from cmb_synthesis.data.datalist import load_split
-from cmb_synthesis.data.labels import as_instance_labels
+from transforms.labels import as_instance_labels
 from cmb_synthesis.data.io import PathLike, atomic_output, write_csv, write_json
 from cmb_synthesis.evaluation.froc import FP_RATES, evaluate
 from cmb_synthesis.evaluation.hits import ScanResult, match_candidates

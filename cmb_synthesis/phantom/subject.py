@@ -1,7 +1,7 @@
 """One phantom subject: anatomy + veins + CMBs -> an SWI-like magnitude volume.
 
-Contrast model (relative to white matter = 1): GM 0.86, CSF 1.25 (SWI magnitude is T2*-weighted: fluid
-bright), deep grey nuclei darkened by iron (see ``anatomy.DEEP_NUCLEI``), veins 30-60 % darker
+Contrast model (relative to white matter = 1): GM 0.86, CSF 1.4 (SWI magnitude is T2*-weighted: fluid
+bright), deep grey nuclei darkened by iron (see ``anatomy.DEEP_NUCLEI``), veins 35-60 % darker
 (deoxyhaemoglobin), CMB cores 20-40 % of the surrounding tissue with a blooming rim; scalp shell outside the
 brain, partial-volume blur, a smooth multiplicative bias field (about +-15 %), Rician noise at SNR 20-35 in
 white matter, on a scanner-like scale (white matter ~ 400).

@@ -10,29 +10,35 @@ CI bands) and the paired-bootstrap difference real+synthetic minus real at 10 FP
 
 Every stage runs a bundle (``python -m monai.bundle run ...``) with overrides, in a folder named by a hash of
 its inputs (:mod:`cmb_synthesis.study.stages`): rerunning after a change redoes only what changed, and an
-interrupted study resumes at the first unfinished stage. Entry point: ``bundles/cmb_detection/configs/study.yaml``
-(run key ``study``) or :func:`run_study`.
+interrupted study resumes at the first unfinished stage. Runs of a trained model (synthesis inference, detector
+evaluation) merge their overlay over the training run's config files, model-zoo style
+(``['configs/train.yaml', 'configs/paper.yaml', 'configs/inference.yaml']`` for the paper preset), and get the
+training run's overrides, so they build the network that was trained. Entry point:
+``bundles/cmb_detection/configs/study.yaml`` (run key ``study``) or :func:`run_study`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.bundle import run as bundle_run
 
 from cmb_synthesis.evaluation.froc import paired_bootstrap_difference
 from cmb_synthesis.evaluation.hits import ScanResult
 from cmb_synthesis.evaluation.report import plot_froc_panels, scan_results_from_csv
 from cmb_synthesis.data.datalist import load_split, read_datalist
 from cmb_synthesis.data.io import atomic_output, write_json
-from cmb_synthesis.study.stages import Stage, StageRunner, run_bundle
+from cmb_synthesis.study.stages import Stage, StageRunner, bundle_kwargs, run_bundle
 
-__all__ = ["ARMS", "PAPER_TABLE1", "run_study", "subset_datalist", "scan_results", "results_markdown"]
+__all__ = ["ARMS", "PAPER_TABLE1", "SYNTHESIS_INFERENCE_OVERLAY", "DETECTION_EVALUATION_OVERLAY", "run_study",
+           "run_configs", "subset_datalist", "scan_results", "results_markdown"]
 
 # (training_data, cda) in the paper's Table 1 order
 ARMS: tuple[tuple[str, bool], ...] = (
@@ -48,11 +54,36 @@ PAPER_TABLE1: dict[str, dict[str, float]] = {
     "synthetic+cDA": {"sensitivity_at_10": 0.801, "fp_at_90": 27.4},
     "real+synthetic+cDA": {"sensitivity_at_10": 0.824, "fp_at_90": 15.5},
 }
-NETWORK_KEYS_SYNTHESIS = ("g_channels", "g_res_blocks", "g_stem_kernel", "g_output")
+# the overlays merged over a bundle's training configs for the runs of a trained model
+SYNTHESIS_INFERENCE_OVERLAY = "configs/inference.yaml"
+DETECTION_EVALUATION_OVERLAY = "configs/evaluate.yaml"
 
 
 def arm_name(training_data: str, cda: bool) -> str:
     return training_data + ("+cDA" if cda else "")
+
+
+def run_configs(train_configs: Sequence[str], overlay: str, configs: Sequence[str] | None = None) -> list[str]:
+    """The config files of a run of a trained model (inference, evaluation): the training run's files, then the
+    run's overlay, e.g. ``['configs/train.yaml', 'configs/paper.yaml', 'configs/inference.yaml']``.
+
+    Args:
+        train_configs: the config files the model was trained with (bundle-relative or absolute).
+        overlay: the run's overlay (e.g. ``configs/inference.yaml``), merged last; used when ``configs`` is None.
+        configs: an explicit list instead of ``[*train_configs, overlay]``; it must start with
+            ``train_configs`` (same order), else the run would build another network than the one trained.
+
+    Raises:
+        ValueError: ``configs`` does not start with ``train_configs``.
+    """
+    train = [str(c) for c in train_configs]
+    if configs is None:
+        return [*train, str(overlay)]
+    files = [str(c) for c in configs]
+    if files[: len(train)] != train:
+        raise ValueError(f"the configs of a run of a trained model must start with its training configs {train} "
+                         f"(the network and its settings are defined there), got {files}")
+    return files
 
 
 def subset_datalist(datalist: str | os.PathLike, out: str | os.PathLike, n_real_pathological: int | None,
@@ -161,9 +192,9 @@ def run_study(
     synthesis_bundle: str | os.PathLike,
     detection_bundle: str | os.PathLike,
     synthesis_train_configs: Sequence[str] = ("configs/train.yaml",),
-    synthesis_inference_configs: Sequence[str] = ("configs/inference.yaml",),
+    synthesis_inference_configs: Sequence[str] | None = None,
     detection_train_configs: Sequence[str] = ("configs/train.yaml",),
-    detection_eval_configs: Sequence[str] = ("configs/evaluate.yaml",),
+    detection_eval_configs: Sequence[str] | None = None,
     synthesis_overrides: Mapping[str, Any] | None = None,
     detection_overrides: Mapping[str, Any] | None = None,
     synthesis_ckpt_dir: str | os.PathLike | None = None,
@@ -182,8 +213,14 @@ def run_study(
         datalist: the cohort's ``datalist.json`` (decathlon: training with healthy + pathological scans,
             validation, test).
         synthesis_bundle, detection_bundle: bundle folders; the ``*_configs`` are relative to them.
+        synthesis_train_configs, detection_train_configs: config files of the training runs, e.g.
+            ``['configs/train.yaml', 'configs/paper.yaml']`` for a bundle's paper preset.
+        synthesis_inference_configs, detection_eval_configs: config files of the synthesis inference and
+            detector evaluation runs; ``None``: the training configs then ``configs/inference.yaml`` /
+            ``configs/evaluate.yaml`` (overlays over them). An explicit list must start with the training
+            configs (:func:`run_configs`).
         synthesis_overrides / detection_overrides: command-line overrides for every run of that bundle (e.g. the
-            CPU or tiny preset's budgets); network-size keys are passed to training and inference alike.
+            CPU or tiny preset's budgets), given to training and to the runs of the trained model alike.
         synthesis_ckpt_dir: a folder with trained ``G_HP.pt`` (+ ``lesion_bank.npz``): skip synthesis training.
         n_real_pathological: keep only this many real pathological training scans (low-data regime).
         synthetic_per_real: synthetic scans per real pathological scan (1.0 = the paper's 1:1).
@@ -195,10 +232,12 @@ def run_study(
     out = Path(output_dir).resolve()  # stage datalists hold absolute paths (a relative one would resolve twice)
     out.mkdir(parents=True, exist_ok=True)
     syn_b, det_b = Path(synthesis_bundle).resolve(), Path(detection_bundle).resolve()
+    syn_inf = [str(syn_b / c) for c in run_configs(synthesis_train_configs, SYNTHESIS_INFERENCE_OVERLAY,
+                                                     synthesis_inference_configs)]
+    det_eval = [str(det_b / c) for c in run_configs(detection_train_configs, DETECTION_EVALUATION_OVERLAY,
+                                                     detection_eval_configs)]
     syn_train = [str(syn_b / c) for c in synthesis_train_configs]
-    syn_inf = [str(syn_b / c) for c in synthesis_inference_configs]
     det_train = [str(det_b / c) for c in detection_train_configs]
-    det_eval = [str(det_b / c) for c in detection_eval_configs]
     syn_over = dict(synthesis_overrides or {})
     det_over = dict(detection_overrides or {})
     arms = [(str(a[0]), bool(a[1]) if not isinstance(a[1], str) else a[1].lower() == "true") for a in arms]
@@ -229,8 +268,8 @@ def run_study(
         else:
             def train_synthesis(folder: Path, rseed=rseed) -> dict[str, Any]:
                 launch(syn_train, "training", {
-                    "bundle_root": str(syn_b), "datalist": str(sub_list), "ckpt_dir": str(folder / "models"),
-                    "log_dir": str(folder / "runs"), "seed": rseed, **syn_over}, folder / "log.txt")
+                    **syn_over, "bundle_root": str(syn_b), "datalist": str(sub_list), "ckpt_dir": str(folder / "models"),
+                    "log_dir": str(folder / "runs"), "seed": rseed}, folder / "log.txt")
                 return {"models": str(folder / "models")}
 
             st_syn = Stage("synthesis-train", {"seed": rseed, "overrides": syn_over}, train_synthesis,
@@ -245,14 +284,14 @@ def run_study(
             src = folder / "healthy_datalist.json"
             write_json({"training": healthy}, src)
             rounds = math.ceil(n_needed / len(healthy))
-            net = {k: v for k, v in syn_over.items() if k in NETWORK_KEYS_SYNTHESIS}
             items = []
             for q in range(rounds):
                 rd = folder / f"round{q}"
+                # the training run's overrides (network size, ...) on top of the same training configs
                 launch(syn_inf, "inference", {
-                    "bundle_root": str(syn_b), "dataset_dir": str(src), "output_dir": str(rd),
+                    **syn_over, "bundle_root": str(syn_b), "dataset_dir": str(src), "output_dir": str(rd),
                     "ckpt_dir": str(syn_models), "lesion_bank_path": str(syn_models / "lesion_bank.npz"),
-                    "seed": rseed * 1000 + q, **net}, folder / f"log_round{q}.txt")
+                    "seed": rseed * 1000 + q}, folder / f"log_round{q}.txt")
                 for it in healthy:
                     if len(items) == n_needed:
                         break
@@ -279,9 +318,9 @@ def run_study(
 
             def train_detector(folder: Path, td=td, cda=cda, rseed=rseed) -> dict[str, Any]:
                 launch(det_train, "training", {
-                    "bundle_root": str(det_b), "datalist": str(sub_list), "training_data": td, "cda": cda,
-                    "synthetic_dir": synthetic_dir, "ckpt_dir": str(folder / "models"),
-                    "log_dir": str(folder / "runs"), "cache_dir": str(cache_dir), "seed": rseed, **det_over},
+                    **det_over, "bundle_root": str(det_b), "datalist": str(sub_list), "training_data": td,
+                    "cda": cda, "synthetic_dir": synthetic_dir, "ckpt_dir": str(folder / "models"),
+                    "log_dir": str(folder / "runs"), "cache_dir": str(cache_dir), "seed": rseed},
                     folder / "log.txt")
                 return {"model": str(folder / "models" / "model.pt")}
 
@@ -293,9 +332,9 @@ def run_study(
 
             def evaluate_detector(folder: Path, model=model, td=td, cda=cda, rseed=rseed) -> dict[str, Any]:
                 launch(det_eval, "evaluating", {
-                    "bundle_root": str(det_b), "datalist": str(sub_list), "model_path": model,
+                    **det_over, "bundle_root": str(det_b), "datalist": str(sub_list), "model_path": model,
                     "output_dir": str(folder), "cache_dir": str(cache_dir), "n_bootstrap": n_bootstrap,
-                    "seed": rseed, "training_data": td, "cda": cda, **det_over}, folder / "log.txt")
+                    "seed": rseed, "training_data": td, "cda": cda}, folder / "log.txt")
                 return {"metrics": str(folder / "metrics.json"), "candidates": str(folder / "candidates.csv")}
 
             st_ev = Stage(f"evaluate-{name}", {"seed": rseed, "n_bootstrap": n_bootstrap, "overrides": det_over},
@@ -339,22 +378,21 @@ def run_study(
     return results
 
 
-def _launcher(in_process: bool):
+Launcher = Callable[[Sequence[str], str, Mapping[str, Any], Path], None]
+
+
+def _launcher(in_process: bool) -> Launcher:
     """``launch(config_files, run_id, overrides, log_file)``: a bundle run in a subprocess or in this process."""
     if not in_process:
         return run_bundle
 
-    def launch(config_files, run_id, overrides, log_file):
-        import logging
-
-        from monai.bundle import run as bundle_run
-
+    def launch(config_files: Sequence[str], run_id: str, overrides: Mapping[str, Any], log_file: Path) -> None:
         Path(log_file).write_text(f"in-process: {run_id} {list(config_files)} {json.dumps(overrides, default=str)}\n")
         files = [str(Path(f).resolve()) for f in config_files]
         handler = logging.FileHandler(log_file)
         logging.getLogger().addHandler(handler)
         try:
-            bundle_run(run_id=run_id, config_file=files if len(files) > 1 else files[0], **dict(overrides))
+            bundle_run(run_id=run_id, config_file=files if len(files) > 1 else files[0], **bundle_kwargs(overrides))
         except Exception as e:
             raise RuntimeError(f"bundle run '{run_id}' ({files}) failed: {e}") from e
         finally:

@@ -24,11 +24,13 @@ from typing import Any
 
 from cmb_synthesis.data.io import write_json
 
-__all__ = ["Stage", "StageRunner", "hash_files", "run_bundle"]
+__all__ = ["Stage", "StageRunner", "hash_files", "run_bundle", "bundle_kwargs", "command_line_args"]
 
 logger = logging.getLogger(__name__)
 
 DONE_FILE = "stage.json"
+# a config expression for None: MONAI drops None-valued overrides, which would keep the config's own value
+NONE_EXPRESSION = "$None"
 
 
 def _canonical(obj: Any) -> Any:
@@ -149,6 +151,27 @@ class StageRunner:
         return result
 
 
+def bundle_kwargs(overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Overrides for ``monai.bundle.run(**kwargs)``: ``None`` becomes ``"$None"`` (an expression evaluating to
+    None), since MONAI ignores ``None`` keyword arguments and would keep the config's value."""
+    return {str(k): (NONE_EXPRESSION if v is None else v) for k, v in overrides.items()}
+
+
+def command_line_args(overrides: Mapping[str, Any]) -> list[str]:
+    """``--key value`` arguments of ``python -m monai.bundle run`` that reach the config with their types.
+
+    Numbers, booleans, lists and dicts are written as Python literals (``True``, ``[24, 24, 16]``,
+    ``{'a': None}``), which the bundle's command line (Fire) parses back; ``None`` as ``"$None"``; strings as
+    they are. Nested ids use ``#`` (``--evaluate#n_bootstrap 200``).
+    """
+    args: list[str] = []
+    for key, value in bundle_kwargs(overrides).items():
+        if isinstance(value, tuple):
+            value = list(value)
+        args += [f"--{key}", repr(value) if isinstance(value, (bool, int, float, list, dict)) else str(value)]
+    return args
+
+
 def run_bundle(
     config_files: Sequence[str | os.PathLike],
     run_id: str,
@@ -158,18 +181,14 @@ def run_bundle(
 ) -> None:
     """Run ``python -m monai.bundle run <run_id>`` in a subprocess, logging to ``log_file``.
 
-    Each override becomes ``--key value`` (MONAI's command-line overrides; nested ids use ``#``). A failing run
+    ``config_files`` are merged in order (an overlay after the configs it extends). Each override becomes
+    ``--key value`` (:func:`command_line_args`: the config receives the value with its type). A failing run
     raises ``RuntimeError`` with the command and the last lines of its log.
     """
     files = [str(Path(f).resolve()) for f in config_files]
     config_arg = files[0] if len(files) == 1 else json.dumps(files)
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file", config_arg]
-    for key, value in overrides.items():
-        if isinstance(value, bool):
-            value = "true" if value else "false"
-        elif isinstance(value, (list, tuple, dict)):
-            value = json.dumps(value)
-        cmd += [f"--{key}", str(value)]
+    cmd += command_line_args(overrides)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
     with open(log_file, "w") as log:

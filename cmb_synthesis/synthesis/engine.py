@@ -26,13 +26,11 @@ from monai.engines.workflow import Workflow
 from monai.networks.utils import eval_mode, train_mode
 from monai.utils.enums import ForwardMode
 
-from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorObjective
 from cmb_synthesis.synthesis.metrics import synthesis_stats
 
-__all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "LOSS_KEYS", "BATCH_KEYS"]
+__all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "loss_output", "BATCH_KEYS"]
 
 BATCH_KEYS = ("x_h", "y_hp", "brainmask_h", "x_p", "y_p", "brainmask_p", "x_p2", "y_p2")
-LOSS_KEYS = ("G", "D_P", "D_H", "CC", "ID", "AM", "GAN", "GP", "W_P", "W_H")
 _MASK_KEYS = ("y_hp", "y_p", "y_p2", "brainmask_h", "brainmask_p")
 
 
@@ -58,6 +56,29 @@ def prepare_cycle_batch(
     return out
 
 
+def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
+    return {k: v.item() for k, v in out.items() if isinstance(v, torch.Tensor) and v.ndim == 0}
+
+
+def loss_output(
+    generator: Mapping[str, Any], critic_P: Mapping[str, Any], critic_H: Mapping[str, Any]
+) -> dict[str, float]:
+    """The trainer's ``engine.state.output`` from its objectives' outputs, whatever terms they name.
+
+    Every scalar (0-d tensor) of the generator objective's output keeps its name (``G`` and each term, e.g.
+    ``CC``, ``ID``, ``AM``, ``GAN``); a critic objective's ``loss`` becomes ``D_P`` / ``D_H`` and its other
+    scalars get the critic's suffix (``W`` -> ``W_P``, ``GP`` -> ``GP_P``); ``GP`` is the mean of ``GP_P``
+    and ``GP_H``. Images (non-scalar tensors) are left out. Returns python floats.
+    """
+    out = _scalars(generator)
+    for side, crit in (("P", critic_P), ("H", critic_H)):
+        for k, v in _scalars(crit).items():
+            out[f"D_{side}" if k == "loss" else f"{k}_{side}"] = v
+    if "GP_P" in out and "GP_H" in out:
+        out["GP"] = 0.5 * (out["GP_P"] + out["GP_H"])
+    return out
+
+
 class CycleGANTrainer(Trainer):
     """MONAI trainer of the mask-guided 3-D CycleGAN (paper Fig. 1): ``G_HP``, ``G_PH``, ``D_P``, ``D_H``.
 
@@ -69,22 +90,25 @@ class CycleGANTrainer(Trainer):
         D_P, D_H: critics (:class:`~cmb_synthesis.synthesis.networks.CMBCritic`), possibly DDP-wrapped.
         g_optimizer: optimiser over both generators' parameters.
         d_optimizer: optimiser over both critics' parameters.
+        critic_objective_P, critic_objective_H: the critics' objectives
+            (:class:`~cmb_synthesis.synthesis.losses.CriticObjective` of ``D_P`` / ``D_H``, possibly DDP-wrapped),
+            called as ``(real, fake, real_mask, fake_mask)``: ``D_P`` with ``(x_p2, x~_p, y_p2, y_hp)``,
+            ``D_H`` with ``(x_h, x~_h, y_hp, y_p)`` (the masks are used by mask-conditioned critics only).
+        generator_objective: the generators' objective
+            (:class:`~cmb_synthesis.synthesis.losses.GeneratorObjective` with its weighted loss terms, possibly
+            DDP-wrapped), called as ``(x_h, y_hp, x_p, y_p, brainmask_h, brainmask_p)``.
         n_critic: critic steps per generator step (WGAN-GP: 5). The critic steps reuse the iteration's real
             samples and the fakes of the current generators (one data batch per Ignite iteration) with a
             fresh interpolation ``eps`` each step.
-        lambda_cc, lambda_id, lambda_am, lambda_gp, am_in_hph: loss weights, see :mod:`cmb_synthesis.synthesis.losses`.
-        critic_mask: mask-conditioned critics (2 input channels; the batch then needs ``y_p2``), see
-            :mod:`cmb_synthesis.synthesis.losses`. False: the paper's image-only critics.
-        critic_objective_P, critic_objective_H, generator_objective: pre-built (e.g. DDP-wrapped) objective
-            modules; built from the networks and weights when None.
         amp: autocast in ``amp_dtype`` (bf16 by default, no grad scaler needed); the gradient penalty stays fp32.
         train_handlers: Ignite/MONAI handlers to attach (checkpoints, stats, validation, NaN guard, ...).
 
-    ``engine.state.output`` after each iteration: a dict of python floats with keys :data:`LOSS_KEYS`:
-    ``G`` total generator loss, ``D_P``/``D_H`` critic losses (last critic step), ``CC``/``ID``/``AM``/``GAN``
-    unweighted generator terms, ``GP`` mean penalty of both critics, ``W_P``/``W_H`` Wasserstein estimates
-    ``E[D(real)] - E[D(fake)]``. ``engine.state.synthesis_images`` holds the first sample's x_h, y_hp, x~_p,
-    reconstruction, x_p, y_p and x~_h (detached, for image grids).
+    ``engine.state.output`` after each iteration (:func:`loss_output`): a dict of python floats, ``G`` the
+    total generator loss and every generator term's unweighted value under its name (the default terms
+    ``CC``, ``ID``, ``AM``, ``GAN``), ``D_P``/``D_H`` the critic losses of the last critic step, ``W_P``/``W_H``
+    their Wasserstein estimates ``E[D(real)] - E[D(fake)]``, ``GP_P``/``GP_H`` their penalties and ``GP`` the
+    mean of both. ``engine.state.synthesis_images`` holds the first sample's x_h, y_hp, x~_p, reconstruction,
+    x_p, y_p and x~_h (detached, for image grids).
     """
 
     def __init__(
@@ -98,17 +122,11 @@ class CycleGANTrainer(Trainer):
         D_H: nn.Module,
         g_optimizer: torch.optim.Optimizer,
         d_optimizer: torch.optim.Optimizer,
+        critic_objective_P: nn.Module,
+        critic_objective_H: nn.Module,
+        generator_objective: nn.Module,
         epoch_length: int | None = None,
         n_critic: int = 5,
-        lambda_cc: float = 10.0,
-        lambda_id: float = 5.0,
-        lambda_am: float = 10.0,
-        lambda_gp: float = 10.0,
-        am_in_hph: bool = False,
-        critic_mask: bool = False,
-        critic_objective_P: nn.Module | None = None,
-        critic_objective_H: nn.Module | None = None,
-        generator_objective: nn.Module | None = None,
         non_blocking: bool = False,
         prepare_batch: Callable = prepare_cycle_batch,
         iteration_update: Callable[[Engine, Any], Any] | None = None,
@@ -140,13 +158,8 @@ class CycleGANTrainer(Trainer):
         self.G_HP, self.G_PH, self.D_P, self.D_H = G_HP, G_PH, D_P, D_H
         self.g_optimizer, self.d_optimizer = g_optimizer, d_optimizer
         self.n_critic = int(n_critic)
-        self.critic_objective_P = critic_objective_P or CriticObjective(D_P, lambda_gp)
-        self.critic_objective_H = critic_objective_H or CriticObjective(D_H, lambda_gp)
-        self.generator_objective = generator_objective or GeneratorObjective(
-            G_HP, G_PH, D_P, D_H, lambda_cc=lambda_cc, lambda_id=lambda_id, lambda_am=lambda_am, am_in_hph=am_in_hph,
-            critic_mask=critic_mask,
-        )  # fmt: skip
-        self.critic_mask = bool(critic_mask)
+        self.critic_objective_P, self.critic_objective_H = critic_objective_P, critic_objective_H
+        self.generator_objective = generator_objective
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.optim_set_to_none = optim_set_to_none
 
@@ -172,10 +185,6 @@ class CycleGANTrainer(Trainer):
         b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
         x_h, y_hp, x_p, y_p = b["x_h"], b["y_hp"], b["x_p"], b["y_p"]
         x_p2, y_p2 = (b["x_p2"], b.get("y_p2")) if "x_p2" in b else (x_p, y_p)
-        if self.critic_mask and y_p2 is None:
-            raise ValueError("critic_mask needs the mask of the critic's real sample: batch key 'y_p2'")
-        # (real, fake) masks given to the critics: only when they are mask-conditioned
-        masks_p, masks_h = ((y_p2, y_hp), (y_hp, y_p)) if self.critic_mask else ((None, None), (None, None))
         bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
         nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H)
 
@@ -188,8 +197,8 @@ class CycleGANTrainer(Trainer):
             for _ in range(self.n_critic):
                 self.d_optimizer.zero_grad(set_to_none=self.optim_set_to_none)
                 with self._autocast():
-                    out_p = self.critic_objective_P(x_p2, fake_p, *masks_p)
-                    out_h = self.critic_objective_H(x_h, fake_h, *masks_h)
+                    out_p = self.critic_objective_P(x_p2, fake_p, y_p2, y_hp)
+                    out_h = self.critic_objective_H(x_h, fake_h, y_hp, y_p)
                 (out_p["loss"].float() + out_h["loss"].float()).backward()
                 self.d_optimizer.step()
 
@@ -206,18 +215,7 @@ class CycleGANTrainer(Trainer):
             "x_h": x_h[0].detach(), "y_hp": y_hp[0].detach(), "fake_p": g["fake_p"][0], "rec_h": g["rec_h"][0],
             "x_p": x_p[0].detach(), "y_p": y_p[0].detach(), "fake_h": g["fake_h"][0],
         }  # fmt: skip
-        return {
-            "G": g["G"].item(),
-            "D_P": out_p["loss"].item(),
-            "D_H": out_h["loss"].item(),
-            "CC": g["CC"].item(),
-            "ID": g["ID"].item(),
-            "AM": g["AM"].item(),
-            "GAN": g["GAN"].item(),
-            "GP": 0.5 * (out_p["gp"].item() + out_h["gp"].item()),
-            "W_P": out_p["wasserstein"].item(),
-            "W_H": out_h["wasserstein"].item(),
-        }
+        return loss_output(g, out_p, out_h)
 
 
 class SynthesisEvaluator(Evaluator):

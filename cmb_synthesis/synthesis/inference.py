@@ -2,17 +2,21 @@
 
 - :func:`synthesize_volume`: one preprocessed volume through ``G_HP`` (or ``G_PH``) patch-wise, 160 x 146 x 32
   windows with 50 % overlap along z, blended with a Gaussian weight along z (MONAI ``SlidingWindowInferer``).
-- :func:`run_inference`: every healthy SWI of a folder or ``datalist.json`` -> ``<id>_synthetic.nii.gz`` and
-  ``<id>_synthetic_cmb.nii.gz`` (instance labels), or with ``direction="pseudo_healthy"`` every pathological
-  SWI with its mask -> ``<id>_pseudohealthy.nii.gz``. Outputs are in the input's space (same shape, affine
-  and header), in the input's intensity range, written atomically, never over an input, skipped when present
-  unless ``overwrite``. A bad scan is reported and skipped; the summary is written to
-  ``inference_summary.json`` and, when any scan failed, a ``RuntimeError`` lists them (non-zero exit).
+- :func:`run_inference`: every healthy SWI of a folder (NIfTI files or DICOM series folders) or
+  ``datalist.json`` -> ``<id>_synthetic.nii.gz`` and ``<id>_synthetic_cmb.nii.gz`` (instance labels), or with
+  ``direction="pseudo_healthy"`` every pathological SWI with its mask -> ``<id>_pseudohealthy.nii.gz``. Scans
+  are read with :func:`cmb_synthesis.data.scans.to_canonical` and results written back with
+  :func:`~cmb_synthesis.data.scans.write_like`: in the input's voxel grid, affine and header, in the input's
+  intensity range. The batch (output checks, one unit per scan, skip/overwrite, summary and
+  :class:`~cmb_synthesis.data.batch.BatchInferenceError`) is :func:`cmb_synthesis.data.batch.run_batch`.
 
 Masks: for healthy scans, ``<id>_mask.nii.gz`` beside the image (or a datalist item's ``mask`` key) when
 present, otherwise sampled with :class:`transforms.lesion_mask.RandLesionMaskd` from a saved
-:class:`~transforms.lesion_mask.LesionBank` (``models/lesion_bank.npz``, written by training), seeded per scan
-by ``(seed, id)``. Pathological scans use ``<id>_mask.nii.gz``, ``<id>_cmb.nii.gz`` or the datalist ``label``.
+:class:`~transforms.lesion_mask.LesionBank` (``models/lesion_bank.npz``, written by training) inside
+``<id>_brainmask.nii.gz``, seeded per scan by ``(seed, id)``. Pathological scans use ``<id>_mask.nii.gz``,
+``<id>_cmb.nii.gz`` or the datalist ``label``. Binary masks are split into connected components (one lesion
+each, :func:`transforms.labels.as_instance_labels`). A scan with nothing to paint (an empty given mask,
+one outside the brain mask, or no sampled lesion placed) fails instead of being written unchanged.
 
 Intensity: the generator works on the percentile-scaled image ``x`` in [0, 1]; the output is
 ``input + invert(G(x)) - invert(x)``, i.e. the generator's change mapped back through the inverse percentile
@@ -22,7 +26,6 @@ scale and added to the untouched input, so voxels the generator leaves alone kee
 
 from __future__ import annotations
 
-import json
 import logging
 import zlib
 from collections.abc import Sequence
@@ -34,24 +37,31 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.data import load_decathlon_datalist
+from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.utils import eval_mode
-from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
-from scipy import ndimage
 
-from cmb_synthesis.data.io import check_not_input, load_nifti, save_nifti, write_json
+from cmb_synthesis.data.batch import BatchJob, run_batch
+from cmb_synthesis.data.datalist import SPLITS, load_split
+from cmb_synthesis.data.io import PathLike
+from transforms.labels import as_instance_labels
+from cmb_synthesis.data.naming import find_beside, find_inputs, unique_scan_ids
+from cmb_synthesis.data.scans import CanonicalImage, to_canonical, write_like
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.intensity import invert_percentile_scale
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
 from transforms.pipelines import preprocessing
 
-__all__ = ["synthesize_volume", "find_scans", "load_scan", "run_inference", "ScanJob", "DIRECTIONS"]
+__all__ = ["synthesize_volume", "find_scans", "load_scan", "run_inference", "ScanJob", "DIRECTIONS", "OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
 DIRECTIONS = ("pathological", "pseudo_healthy")
-_DERIVED = ("_mask", "_brainmask", "_cmb", "_tissue", "_veins", "_synthetic", "_synthetic_cmb", "_pseudohealthy")
+# output name -> file suffix, per direction
+OUTPUTS = {
+    "pathological": {"synthetic": "_synthetic.nii.gz", "synthetic_cmb": "_synthetic_cmb.nii.gz"},
+    "pseudo_healthy": {"pseudohealthy": "_pseudohealthy.nii.gz"},
+}
 
 
 def synthesize_volume(
@@ -104,7 +114,8 @@ def synthesize_volume(
 
 @dataclass
 class ScanJob:
-    """One input scan: ``id``, ``image`` path, optional ``brainmask`` / ``mask`` / ``tissue`` paths."""
+    """One input scan: ``id``, ``image`` path (NIfTI file or DICOM folder), optional ``brainmask`` / ``mask`` /
+    ``tissue`` paths."""
 
     id: str
     image: str
@@ -114,31 +125,25 @@ class ScanJob:
     extra: dict = field(default_factory=dict)
 
 
-def _strip(name: str) -> str:
-    for ext in (".nii.gz", ".nii"):
-        if name.endswith(ext):
-            return name[: -len(ext)]
-    return name
+def _str(path: Any) -> str | None:
+    return str(path) if path else None
 
 
-def _beside(image: Path, sid: str, suffix: str) -> str | None:
-    folder = image.parent
-    for ext in (".nii.gz", ".nii"):
-        p = folder / f"{sid}{suffix}{ext}"
-        if p.is_file():
-            return str(p)
-    return None
+def find_scans(dataset_dir: PathLike, direction: str = "pathological", exclude: Sequence[PathLike] = ()) -> list[ScanJob]:
+    """The scans to process, with unique ids.
 
-
-def find_scans(dataset_dir: str | Path, direction: str = "pathological") -> list[ScanJob]:
-    """The scans to process: from ``datalist.json`` (a file, or inside ``dataset_dir``) every item of the
-    ``training``/``validation``/``test`` lists whose ``group`` is healthy (``pathological`` direction) or
-    pathological (``pseudo_healthy``); otherwise every ``*_swi.nii.gz`` (or, if none, every ``*.nii.gz`` that
-    is not a derived file such as ``*_mask``/``*_brainmask``) in the folder.
+    From ``datalist.json`` (a file, or inside ``dataset_dir``): every item of the ``training`` / ``validation``
+    / ``test`` lists whose ``group`` is healthy (``pathological`` direction) or pathological
+    (``pseudo_healthy``), an item without ``group`` counting as wanted; its ``id`` when given. Otherwise the
+    folder's inputs (:func:`cmb_synthesis.data.naming.find_inputs`: NIfTI files that are not derived files such
+    as ``*_mask``/``*_brainmask``, and DICOM series folders; hidden/temporary files and the folders in
+    ``exclude`` are skipped) with ``<id>_brainmask`` / ``<id>_mask`` (or ``<id>_cmb`` for pseudo-healthy) /
+    ``<id>_tissue`` beside them. Ids that clash are made unique from the path
+    (:func:`~cmb_synthesis.data.naming.unique_scan_ids`).
 
     Raises:
-        FileNotFoundError: ``dataset_dir`` does not exist or holds no image.
-        ValueError: unknown ``direction``.
+        FileNotFoundError: ``dataset_dir`` does not exist or holds no scan.
+        ValueError: unknown ``direction``; a datalist that is not valid; ids that cannot be made unique.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -146,28 +151,23 @@ def find_scans(dataset_dir: str | Path, direction: str = "pathological") -> list
     if not path.exists():
         raise FileNotFoundError(f"{path}: dataset folder/datalist does not exist")
     datalist = path if path.is_file() else path / "datalist.json"
-    jobs: list[ScanJob] = []
     want = "healthy" if direction == "pathological" else "pathological"
+    jobs: list[ScanJob] = []
     if datalist.is_file():
-        keys = [k for k in ("training", "validation", "test") if k in json.loads(datalist.read_text())]
-        for key in keys:
-            for item in load_decathlon_datalist(str(datalist), True, key):
-                if item.get("group", want) != want:
-                    continue
-                sid = str(item.get("id") or _strip(Path(item["image"]).name))
-                mask = item.get("mask") or (item.get("label") if direction == "pseudo_healthy" else None)
-                jobs.append(ScanJob(sid, item["image"], item.get("brainmask"), mask, item.get("tissue")))
+        items = [it for split in SPLITS for it in load_split(datalist, split, check_files=False, missing_ok=True)
+                 if it.get("group", want) == want]
+        ids = unique_scan_ids([it["image"] for it in items], [_str(it.get("id")) for it in items])
+        for sid, it in zip(ids, items):
+            mask = it.get("mask") or (it.get("label") if direction == "pseudo_healthy" else None)
+            jobs.append(ScanJob(sid, it["image"], _str(it.get("brainmask")), _str(mask), _str(it.get("tissue"))))
     else:
-        images = sorted(path.glob("*_swi.nii.gz")) or sorted(
-            p for p in path.glob("*.nii*") if not any(_strip(p.name).endswith(s) for s in _DERIVED)
-        )
-        for img in images:
-            base = _strip(img.name)
-            sid = base[: -len("_swi")] if base.endswith("_swi") else base
-            mask = _beside(img, sid, "_mask")
+        images = find_inputs(path, exclude=tuple(exclude))
+        for sid, img in zip(unique_scan_ids(images), images):
+            mask = find_beside(img, "_mask")
             if mask is None and direction == "pseudo_healthy":
-                mask = _beside(img, sid, "_cmb")
-            jobs.append(ScanJob(sid, str(img), _beside(img, sid, "_brainmask"), mask, _beside(img, sid, "_tissue")))
+                mask = find_beside(img, "_cmb")
+            jobs.append(ScanJob(sid, str(img), _str(find_beside(img, "_brainmask")), _str(mask),
+                                _str(find_beside(img, "_tissue"))))
     if not jobs:
         raise FileNotFoundError(f"{path}: no {want} SWI scans found")
     return jobs
@@ -177,117 +177,149 @@ def _scan_seed(seed: int, sid: str) -> int:
     return (zlib.crc32(sid.encode()) ^ int(seed)) % (2**31)
 
 
-def _to_native(ras: np.ndarray, affine: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Undo the RAS reorientation of preprocessing (axis permutations and flips only)."""
-    native = apply_orientation(ras, ornt_transform(axcodes2ornt("RAS"), io_orientation(affine)))
-    if tuple(native.shape) != tuple(shape):
-        raise ValueError(f"cannot map the RAS result {ras.shape} back to the input shape {tuple(shape)}")
-    return native
+def _meta_tensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
+    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)), affine=torch.as_tensor(affine, dtype=torch.float64),
+                      meta={"filename_or_obj": source, "original_channel_dim": "no_channel"})
 
 
-def _instance_labels(mask: np.ndarray) -> np.ndarray:
-    """Binary masks become connected-component instance labels; instance masks are kept."""
-    mask = np.asarray(mask)
-    if mask.max() <= 1:
-        mask, _ = ndimage.label(mask > 0)
-    return mask.astype(np.uint16)
+def _plain(v: Any) -> torch.Tensor:
+    return v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(np.asarray(v))
+
+
+def _check_inputs(job: ScanJob, direction: str, bank: Any) -> None:
+    """Refuse, before loading anything, a scan that has no mask and cannot get one (naming what is missing)."""
+    if job.mask:
+        return
+    here = Path(job.image).parent
+    sid = job.id
+    if direction == "pseudo_healthy":
+        raise ValueError(f"{job.image}: pseudo-healthy synthesis needs a lesion mask: no {here / (sid + '_mask.nii.gz')} "
+                         f"or {here / (sid + '_cmb.nii.gz')} beside it (nor a datalist 'label' / 'mask')")
+    if bank is None:
+        raise ValueError(f"{job.image}: no lesion mask ({here / (sid + '_mask.nii.gz')} or a datalist 'mask') and no "
+                         "lesion bank (models/lesion_bank.npz, written by training) to sample one from")
+    if not job.brainmask:
+        raise ValueError(f"{job.image}: sampling a lesion mask needs a brain mask: no {here / (sid + '_brainmask.nii.gz')} "
+                         "beside the image (nor a datalist 'brainmask')")
 
 
 def load_scan(
     job: ScanJob, direction: str = "pathological", bank: Any = None, n_lesions: int | None = None, seed: int = 0
 ) -> dict[str, Any]:
-    """Preprocess one scan as in training and get its mask (given or sampled).
+    """Preprocess one scan as in training and get its lesion mask (given or sampled).
 
-    Returns a dict: ``image`` (1, X, Y, Z) float tensor in [0, 1] (RAS), ``label`` (1, X, Y, Z) instance labels
-    (RAS), ``brainmask`` (or None), ``lo``/``hi`` (the percentile scale), ``orig``/``affine``/``header`` of the
-    input file (native orientation).
+    Returns a dict: ``image`` (1, X, Y, Z) float tensor in [0, 1] (RAS), ``label`` (1, X, Y, Z) int32 instance
+    labels (RAS, at least one lesion), ``brainmask`` (1, X, Y, Z) uint8 or None, ``lo``/``hi`` (the percentile
+    scale), ``canonical`` (:class:`~cmb_synthesis.data.scans.CanonicalImage` of the input, to write back),
+    ``n_lesions`` (lesions in ``label``), ``mask_source`` (``"given"`` / ``"sampled"``), ``label_split`` (a
+    binary mask was split into connected components).
 
     Raises:
-        ValueError / FileNotFoundError: naming the file, for unreadable inputs or a missing mask/brain mask.
+        ValueError / FileNotFoundError naming the file: unreadable inputs, a missing mask/brain mask/bank, or
+        nothing to paint ("no lesion to paint ...": an empty mask, one outside the brain mask, none placed).
     """
-    orig, affine, header = load_nifti(job.image)
-    data: dict[str, Any] = {"image": job.image}
-    mask_keys: tuple[str, ...] = ()
-    label_keys: tuple[str, ...] = ()
+    _check_inputs(job, direction, bank)
+    verb = "paint" if direction == "pathological" else "remove"
+    can = to_canonical(job.image, dtype=np.float32)
+    data: dict[str, Any] = {"image": _meta_tensor(can.array, can.affine, str(job.image))}
+    keys: dict[str, tuple[str, ...]] = {"mask_keys": (), "label_keys": (), "extra_keys": ()}
     if job.brainmask:
-        data["brainmask"], mask_keys = job.brainmask, ("brainmask",)
-    extra_keys: tuple[str, ...] = ()
+        bm = to_canonical(job.brainmask, dtype=None)
+        data["brainmask"], keys["mask_keys"] = _meta_tensor(bm.array, bm.affine, job.brainmask), ("brainmask",)
+    label_split = False
     if job.mask:
-        data["label"], label_keys = job.mask, ("label",)
-    elif direction == "pseudo_healthy":
-        raise ValueError(f"{job.image}: pseudo-healthy synthesis needs a lesion mask (<id>_mask.nii.gz or datalist label)")
+        lab = to_canonical(job.mask, dtype=None)
+        instances, label_split = as_instance_labels(lab.array, str(job.mask))
+        if label_split:
+            logger.info("%s: binary lesion mask split into %d connected components (one lesion each)", job.mask,
+                        int(instances.max()))
+        data["label"], keys["label_keys"] = _meta_tensor(instances.astype(np.int32), lab.affine, job.mask), ("label",)
     elif job.tissue:  # guides where sampled lesions may go
-        data["tissue"], extra_keys = job.tissue, ("tissue",)
-    data = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys, extra_keys=extra_keys)(data)
-    if "label" not in data:
-        if bank is None:
-            raise ValueError(f"{job.image}: no mask beside the image and no lesion bank to sample one from")
-        if "brainmask" not in data:
-            raise ValueError(f"{job.image}: sampling a lesion mask needs a brain mask (<id>_brainmask.nii.gz)")
-        sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions)
+        tis = to_canonical(job.tissue, dtype=None)
+        data["tissue"], keys["extra_keys"] = _meta_tensor(tis.array, tis.affine, job.tissue), ("tissue",)
+    data = preprocessing(keys=("image",), load=False, **keys)(data)
+    if job.mask:
+        label = _plain(data["label"]).numpy()
+        if not (label > 0).any():
+            raise ValueError(f"{job.image}: no lesion to {verb}: the mask {job.mask} is empty")
+        if "brainmask" in data:
+            inside = np.unique(label[(label > 0) & (_plain(data["brainmask"]).numpy() > 0)])
+            n_all = len(np.unique(label[label > 0]))
+            if inside.size == 0:
+                raise ValueError(f"{job.image}: no lesion to {verb}: all {n_all} lesions of {job.mask} lie outside "
+                                 f"the brain mask {job.brainmask}")
+            if inside.size < n_all:
+                logger.warning("%s: %d of %d lesions of %s lie outside the brain mask", job.image,
+                               n_all - inside.size, n_all, job.mask)
+    else:
+        sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank,
+                                  n_lesions=n_lesions)
         sampler.set_random_state(_scan_seed(seed, job.id))
-        data = sampler(data)
-    image, label = data["image"], data["label"]
+        try:
+            data = sampler(data)
+        except ValueError as e:
+            raise ValueError(f"{job.image}: no lesion to paint: {e}") from e
+        if int(data["label_n_lesions"]) == 0:
+            raise ValueError(f"{job.image}: no lesion to paint: 0 lesions placed (n_lesions={n_lesions}; the "
+                             f"bank's lesions do not fit in the brain mask {job.brainmask}?)")
+    image, label = data["image"], _plain(data["label"])
     lo, hi = (float(v) for v in image.meta["percentile_scale"])
-
-    def plain(v: Any) -> torch.Tensor:
-        return v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(np.asarray(v))
-
     bm = data.get("brainmask")
     return {
-        "image": plain(image).float(),
-        "label": plain(label),
-        "brainmask": None if bm is None else plain(bm),
+        "image": _plain(image).float(),
+        "label": label,
+        "brainmask": None if bm is None else _plain(bm),
         "lo": lo,
         "hi": hi,
-        "orig": orig,
-        "affine": affine,
-        "header": header,
+        "canonical": can,
+        "n_lesions": int(torch.unique(label[label > 0]).numel()),
+        "mask_source": "given" if job.mask else "sampled",
+        "label_split": bool(label_split),
     }
 
 
-def _process(
-    job: ScanJob,
-    G: nn.Module,
-    direction: str,
-    output_dir: Path,
-    bank: Any,
-    n_lesions: int | None,
-    seed: int,
-    patch: Sequence[int],
-    overlap: float,
-    device: Any,
-    amp: bool,
-) -> dict[str, str]:
-    scan = load_scan(job, direction, bank, n_lesions, seed)
+def _synthesise(
+    job: BatchJob, tmp: dict[str, Path], G: nn.Module, direction: str, bank: Any, n_lesions: int | None, seed: int,
+    patch: Sequence[int], overlap: float, device: Any, amp: bool,
+) -> dict[str, Any]:
+    """One scan of :func:`run_inference`: synthesise and write each output to its temporary path ``tmp[name]``."""
+    scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
-    orig, affine, header = scan["orig"], scan["affine"], scan["header"]
+    can: CanonicalImage = scan["canonical"]
     out = synthesize_volume(G, x, y, patch=patch, overlap=overlap, device=device, amp=amp)
     delta = np.asarray(invert_percentile_scale(out[0].numpy(), lo, hi)) - np.asarray(
         invert_percentile_scale(x[0].numpy(), lo, hi)
     )
-    result = orig + _to_native(delta.astype(np.float32), affine, orig.shape)
-    inputs = [job.image, job.brainmask, job.mask, job.tissue]
+    result = (can.array + delta).astype(np.float32)
     if direction == "pathological":
-        out_img, out_lab = output_dir / f"{job.id}_synthetic.nii.gz", output_dir / f"{job.id}_synthetic_cmb.nii.gz"
-        for p in (out_img, out_lab):
-            check_not_input(p, inputs)
-        lab = _instance_labels(_to_native(y[0].cpu().numpy(), affine, orig.shape))
-        save_nifti(lab, affine, out_lab, dtype=np.uint16, header=header)
-        save_nifti(result.astype(np.float32), affine, out_img, dtype=np.float32, header=header)
-        return {"synthetic": str(out_img), "synthetic_cmb": str(out_lab)}
-    out_img = output_dir / f"{job.id}_pseudohealthy.nii.gz"
-    check_not_input(out_img, inputs)
-    save_nifti(result.astype(np.float32), affine, out_img, dtype=np.float32, header=header)
-    return {"pseudohealthy": str(out_img)}
+        lab = y[0].cpu().numpy()
+        if lab.max() > np.iinfo(np.uint16).max:
+            raise ValueError(f"{job.image}: {int(lab.max())} lesion labels do not fit the uint16 label file")
+        write_like(lab.astype(np.uint16), can, tmp["synthetic_cmb"], dtype=np.uint16, overwrite=True, inputs=job.inputs)
+        write_like(result, can, tmp["synthetic"], dtype=np.float32, overwrite=True, inputs=job.inputs)
+        done = "painted"
+    else:
+        write_like(result, can, tmp["pseudohealthy"], dtype=np.float32, overwrite=True, inputs=job.inputs)
+        done = "removed"
+    n = scan["n_lesions"]
+    return {"n": n, "mask": scan["mask_source"], "label_split": scan["label_split"],
+            "message": f"{n} lesions {done} ({scan['mask_source']} mask)"}
+
+
+def _count_lesions(job: BatchJob) -> dict[str, Any]:
+    """Summary info of a skipped scan: the lesions in its existing label output (pathological direction)."""
+    if "synthetic_cmb" not in job.outputs:
+        return {}
+    lab = np.asarray(nib.load(str(job.outputs["synthetic_cmb"])).dataobj)
+    return {"n": int(np.unique(lab[lab > 0]).size)}
 
 
 def run_inference(
-    dataset_dir: str | Path,
-    output_dir: str | Path,
+    dataset_dir: PathLike,
+    output_dir: PathLike,
     G_HP: nn.Module | None = None,
     G_PH: nn.Module | None = None,
-    ckpt_dir: str | Path | None = None,
+    ckpt_dir: PathLike | None = None,
     direction: str = "pathological",
     lesion_bank: Any = None,
     n_lesions: int | None = None,
@@ -302,22 +334,23 @@ def run_inference(
     """Synthesise CMBs on every healthy scan (or remove them: ``direction="pseudo_healthy"``).
 
     Args:
-        dataset_dir: a folder of SWI NIfTI files (with ``<id>_brainmask``/``<id>_mask`` beside them) or a
-            ``datalist.json`` (or a folder holding one); see :func:`find_scans`.
-        output_dir: where outputs go (created). Never the inputs' files.
+        dataset_dir: a folder of SWI NIfTI files or DICOM series (with ``<id>_brainmask``/``<id>_mask`` beside
+            them) or a ``datalist.json`` (or a folder holding one); see :func:`find_scans`.
+        output_dir: where outputs go (created; must be writable and differ from the input folder).
         G_HP, G_PH: the generator for the chosen direction (built by the config).
         ckpt_dir: if given, ``G_HP.pt`` / ``G_PH.pt`` are loaded from it (weights only, sha256-checked against
             the bundle's ``large_files.yml`` when listed, via :func:`cmb_synthesis.training.weights.load_network_weights`).
         lesion_bank: a ``LesionBank`` or the path of a saved ``.npz`` for scans without a mask; None = masks
             must be given.
         n_lesions: lesions per sampled mask (None: the sampler's default); seed: sampling seed.
-        overwrite: replace existing outputs (default: skip scans whose outputs exist).
+        overwrite: replace existing outputs (default: skip scans whose outputs all exist).
         patch, overlap, device, amp: see :func:`synthesize_volume`.
-        raise_on_error: raise ``RuntimeError`` at the end when any scan failed (after processing the rest).
+        raise_on_error: raise :class:`~cmb_synthesis.data.batch.BatchInferenceError` at the end when any scan
+            failed (after processing the rest).
 
     Returns:
-        summary dict: ``written``, ``skipped``, ``failed`` (id -> error), also saved to
-        ``output_dir/inference_summary.json``.
+        the summary of :func:`cmb_synthesis.data.batch.run_batch` plus ``direction`` (also in
+        ``output_dir/inference_summary.json``; one row per scan in ``summary.csv``, ``n`` = lesions).
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
@@ -339,28 +372,17 @@ def run_inference(
             lesion_bank = None
         else:
             lesion_bank = LesionBank.load(lesion_bank)
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    jobs = find_scans(dataset_dir, direction)
-    summary: dict[str, Any] = {"direction": direction, "written": {}, "skipped": [], "failed": {}}
-    suffix = "_synthetic.nii.gz" if direction == "pathological" else "_pseudohealthy.nii.gz"
-    for job in jobs:
-        if (output_dir / f"{job.id}{suffix}").exists() and not overwrite:
-            summary["skipped"].append(job.id)
-            logger.info("%s: output exists, skipped (use --overwrite true to replace)", job.id)
-            continue
-        try:
-            summary["written"][job.id] = _process(
-                job, G, direction, output_dir, lesion_bank, n_lesions, seed, patch, overlap, device, amp
-            )
-            logger.info("%s: written", job.id)
-        except Exception as e:  # a bad scan must not stop the batch
-            summary["failed"][job.id] = f"{type(e).__name__}: {e}"
-            logger.error("%s: FAILED: %s", job.id, e)
-    write_json(summary, output_dir / "inference_summary.json")
-    msg = f"{len(summary['written'])} written, {len(summary['skipped'])} skipped, {len(summary['failed'])} failed"
-    logger.info("inference summary: %s", msg)
-    if summary["failed"] and raise_on_error:
-        details = "; ".join(f"{k}: {v}" for k, v in summary["failed"].items())
-        raise RuntimeError(f"inference: {msg}. Failed scans: {details}")
-    return summary
+    out = Path(output_dir)
+    scans = find_scans(dataset_dir, direction, exclude=(out,))
+    src = Path(dataset_dir)
+    jobs = [
+        BatchJob(s.id, s.image, {k: out / f"{s.id}{suffix}" for k, suffix in OUTPUTS[direction].items()},
+                 inputs=tuple(p for p in (s.image, s.brainmask, s.mask, s.tissue) if p), extra={"scan": s})
+        for s in scans
+    ]
+
+    def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
+        return _synthesise(job, tmp, G, direction, lesion_bank, n_lesions, seed, patch, overlap, device, amp)
+
+    return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(src.parent if src.is_file() else src,),
+                     existing=_count_lesions, raise_on_error=raise_on_error, summary_extra={"direction": direction})

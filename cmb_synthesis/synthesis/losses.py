@@ -25,11 +25,20 @@ CycleGAN reference implementation [7]; ``lambda_gp = 10`` and ``n_critic = 5``, 
 ``lambda_am = 10``, set equal to ``lambda_cc`` (the paper gives no value; Sun et al. [8] weight the
 abnormality-mask term like the reconstruction term). Adam lr 1e-4, betas (0.5, 0.99), batch 4: the paper.
 
+The generators' objective is a list of weighted terms, each a :class:`GeneratorLoss` module with a ``name`` and
+a ``weight``: :class:`CycleConsistencyLoss` (``CC``, 10), :class:`IdentityLoss` (``ID``, 5),
+:class:`AbnormalityMaskLoss` (``AM``, 10) and :class:`AdversarialLoss` (``GAN``, 1) (:func:`paper_terms`). A new
+loss is a subclass here plus one entry in the bundle's ``generator_terms`` list (``configs/train.yaml``); its
+unweighted value is reported under its name in ``engine.state.output``.
+
 :class:`CriticObjective` and :class:`GeneratorObjective` compute a full objective in ONE ``forward`` so that
 wrapping them in ``DistributedDataParallel`` synchronises every gradient (including the penalty's).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -41,9 +50,22 @@ __all__ = [
     "L_GAN",
     "gradient_penalty",
     "critic_input",
+    "GeneratorLoss",
+    "CycleConsistencyLoss",
+    "IdentityLoss",
+    "AbnormalityMaskLoss",
+    "AdversarialLoss",
+    "paper_terms",
     "CriticObjective",
     "GeneratorObjective",
+    "CYCLE_IMAGES",
+    "RESERVED_NAMES",
 ]
+
+# images a GeneratorObjective returns (detached) beside the losses
+CYCLE_IMAGES = ("fake_p", "rec_h", "fake_h", "rec_p")
+# keys of the trainer's output that a generator term may not be named after
+RESERVED_NAMES = ("G", "D_P", "D_H", "GP", "W_P", "W_H", "GP_P", "GP_H", *CYCLE_IMAGES)
 
 
 def L_CC(reconstruction: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
@@ -117,19 +139,118 @@ def critic_input(image: torch.Tensor, mask: torch.Tensor | None = None) -> torch
     return torch.cat([image, (mask > 0).to(image.dtype)], dim=1)
 
 
+class GeneratorLoss(nn.Module):
+    """One weighted term of the generators' objective (see :class:`GeneratorObjective`).
+
+    Args:
+        weight: factor of the term in the total ``G`` (its unweighted value is what gets reported).
+        name: key of the term's value in the objective's output and in ``engine.state.output``.
+
+    Subclasses implement ``forward(cycle)`` returning a scalar tensor, ``cycle`` being the dict of one iteration's
+    tensors built by :class:`GeneratorObjective`: the batch ``x_h``, ``y_hp``, ``x_p``, ``y_p`` (B, 1, X, Y, Z),
+    ``brainmask_h``, ``brainmask_p`` (or None); the HPH cycle ``fake_p = G_HP(x_h, y_hp)``,
+    ``rec_h = G_PH(fake_p, y_hp)``, ``id_h = G_PH(x_h, 0)``; the PHP cycle ``fake_h = G_PH(x_p, y_p)``,
+    ``rec_p = G_HP(fake_h, y_p)``, ``id_p = G_HP(x_p, y_p)``; and the critics ``D_P``, ``D_H`` (frozen by the
+    trainer during the generator step).
+    """
+
+    def __init__(self, weight: float, name: str) -> None:
+        super().__init__()
+        if not name:
+            raise ValueError(f"{type(self).__name__}: a generator loss term needs a non-empty name")
+        self.weight, self.name = float(weight), str(name)
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}, weight={self.weight:g}"
+
+
+class CycleConsistencyLoss(GeneratorLoss):
+    """``L_CC`` of both cycles: ``|rec_h - x_h|_1 + |rec_p - x_p|_1`` (default weight ``lambda_cc = 10``)."""
+
+    def __init__(self, weight: float = 10.0, name: str = "CC") -> None:
+        super().__init__(weight, name)
+
+    def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
+        return L_CC(cycle["rec_h"], cycle["x_h"]) + L_CC(cycle["rec_p"], cycle["x_p"])
+
+
+class IdentityLoss(GeneratorLoss):
+    """``L_ID`` of both generators: ``|G_PH(x_h, 0) - x_h|_1 + |G_HP(x_p, y_p) - x_p|_1`` (default weight 5)."""
+
+    def __init__(self, weight: float = 5.0, name: str = "ID") -> None:
+        super().__init__(weight, name)
+
+    def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
+        return L_ID(cycle["id_h"], cycle["x_h"]) + L_ID(cycle["id_p"], cycle["x_p"])
+
+
+class AbnormalityMaskLoss(GeneratorLoss):
+    """``L_AM`` on ``G_PH(x_p, y_p)`` vs ``x_p`` (no change outside the lesions, brain voxels only); with
+    ``in_hph`` also on ``G_HP(x_h, y_hp)`` vs ``x_h`` (default weight ``lambda_am = 10``)."""
+
+    def __init__(self, weight: float = 10.0, in_hph: bool = False, name: str = "AM") -> None:
+        super().__init__(weight, name)
+        self.in_hph = bool(in_hph)
+
+    def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
+        am = L_AM(cycle["fake_h"], cycle["x_p"], cycle["y_p"], cycle.get("brainmask_p"))
+        if self.in_hph:
+            am = am + L_AM(cycle["fake_p"], cycle["x_h"], cycle["y_hp"], cycle.get("brainmask_h"))
+        return am
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, in_hph={self.in_hph}"
+
+
+class AdversarialLoss(GeneratorLoss):
+    """Generator part of ``L_GAN`` for both fakes: ``-E[D_P(x~_p)] - E[D_H(x~_h)]`` (default weight 1).
+
+    ``critic_mask``: mask-conditioned critics judge each fake with the mask it was made for,
+    ``D_P([x~_p, y_hp])`` and ``D_H([x~_h, y_p])``; must match the critics' :class:`CriticObjective`.
+    """
+
+    def __init__(self, weight: float = 1.0, critic_mask: bool = False, name: str = "GAN") -> None:
+        super().__init__(weight, name)
+        self.critic_mask = bool(critic_mask)
+
+    def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
+        m_p, m_h = (cycle["y_hp"], cycle["y_p"]) if self.critic_mask else (None, None)
+        fake_p, fake_h = critic_input(cycle["fake_p"], m_p), critic_input(cycle["fake_h"], m_h)
+        return L_GAN(cycle["D_P"](fake_p)) + L_GAN(cycle["D_H"](fake_h))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, critic_mask={self.critic_mask}"
+
+
+def paper_terms(critic_mask: bool = False, am_in_hph: bool = False) -> list[GeneratorLoss]:
+    """The default terms with their default weights: ``CC`` 10, ``ID`` 5, ``AM`` 10, ``GAN`` 1 (what
+    ``configs/train.yaml`` lists as ``generator_terms``)."""
+    return [
+        CycleConsistencyLoss(),
+        IdentityLoss(),
+        AbnormalityMaskLoss(in_hph=am_in_hph),
+        AdversarialLoss(critic_mask=critic_mask),
+    ]
+
+
 class CriticObjective(nn.Module):
     """One critic's full WGAN-GP objective in a single ``forward`` (DDP-friendly).
 
+    Args:
+        critic: ``D_P`` or ``D_H`` (1 input channel, or 2 with ``critic_mask``).
+        lambda_gp: weight of the gradient penalty (WGAN-GP: 10).
+        critic_mask: a mask-conditioned critic: it sees :func:`critic_input` pairs ``[image, mask]``.
+
     ``forward(real, fake, real_mask=None, fake_mask=None)`` with (B, 1, X, Y, Z) tensors (``fake`` is detached
-    here; with masks the critic sees :func:`critic_input` pairs) returns a dict:
-    ``loss = L_GAN(D(fake), D(real)) + lambda_gp * GP`` (minimise), ``wasserstein = E[D(real)] - E[D(fake)]``
-    and ``gp`` (the unweighted penalty).
+    here; the masks are used only with ``critic_mask`` and are then required) returns a dict:
+    ``loss = L_GAN(D(fake), D(real)) + lambda_gp * GP`` (minimise), and the named terms (detached scalars)
+    ``W = E[D(real)] - E[D(fake)]`` (the Wasserstein estimate) and ``GP`` (the unweighted penalty).
     """
 
-    def __init__(self, critic: nn.Module, lambda_gp: float = 10.0) -> None:
+    def __init__(self, critic: nn.Module, lambda_gp: float = 10.0, critic_mask: bool = False) -> None:
         super().__init__()
         self.critic = critic
-        self.lambda_gp = float(lambda_gp)
+        self.lambda_gp, self.critic_mask = float(lambda_gp), bool(critic_mask)
 
     def forward(
         self,
@@ -138,45 +259,56 @@ class CriticObjective(nn.Module):
         real_mask: torch.Tensor | None = None,
         fake_mask: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        if (real_mask is None) != (fake_mask is None):
-            raise ValueError("give both real_mask and fake_mask (a mask-conditioned critic) or neither")
-        real, fake = critic_input(real, real_mask), critic_input(fake.detach(), fake_mask)
+        fake = fake.detach()
+        if self.critic_mask:
+            if real_mask is None or fake_mask is None:
+                raise ValueError(
+                    "a mask-conditioned critic (critic_mask) needs both real_mask and fake_mask; for D_P the real "
+                    "sample's mask is the synthesis batch key 'y_p2'"
+                )
+            real, fake = critic_input(real, real_mask), critic_input(fake, fake_mask)
         adv = L_GAN(self.critic(fake), self.critic(real))
         gp = gradient_penalty(self.critic, real, fake)
-        return {"loss": adv + self.lambda_gp * gp, "wasserstein": -adv.detach(), "gp": gp.detach()}
+        return {"loss": adv + self.lambda_gp * gp, "W": -adv.detach(), "GP": gp.detach()}
 
 
 class GeneratorObjective(nn.Module):
-    """Both cycles' generator objective in a single ``forward`` (DDP-friendly).
+    """Both cycles' generator objective in a single ``forward`` (DDP-friendly): the sum of weighted terms.
 
-    ``forward(x_h, y_hp, x_p, y_p, brainmask_h=None, brainmask_p=None)`` with (B, 1, X, Y, Z) tensors, masks
-    binary or instance labels. Returns a dict with the total ``G`` (to minimise), the weighted-sum parts
-    ``CC``, ``ID``, ``AM``, ``GAN`` (unweighted values, detached) and the images ``fake_p`` (x~_p),
-    ``rec_h`` (HPH reconstruction), ``fake_h`` (x~_h), ``rec_p`` (PHP reconstruction), detached.
+    Args:
+        G_HP, G_PH: the generators; D_P, D_H: the critics (read by adversarial terms, not updated here: the
+            caller steps only the generators' optimiser).
+        terms: :class:`GeneratorLoss` modules (each with a unique ``name`` not in :data:`RESERVED_NAMES` and a
+            ``weight``), e.g. :func:`paper_terms`.
 
-    ``G = lambda_cc * L_CC + lambda_id * L_ID + lambda_am * L_AM + L_GAN(D_P(x~_p)) + L_GAN(D_H(x~_h))``
-    (``critic_mask``: ``D_P([x~_p, y_p])``, ``D_H([x~_h, y_p])``).
-    The critics' parameters are not updated here (the caller steps only the generators' optimiser).
+    ``forward(x_h, y_hp, x_p, y_p, brainmask_h=None, brainmask_p=None)`` with (B, 1, X, Y, Z) tensors (masks
+    binary or instance labels) runs the HPH and PHP cycles once, hands their tensors to every term (the
+    ``cycle`` dict described in :class:`GeneratorLoss`) and returns a dict with the total
+    ``G = sum(weight * term)`` (to minimise), every term's unweighted value under its name (detached scalar),
+    and the images :data:`CYCLE_IMAGES` ``fake_p`` (x~_p), ``rec_h`` (HPH reconstruction), ``fake_h`` (x~_h),
+    ``rec_p`` (PHP reconstruction), detached.
+
+    Raises:
+        ValueError: no terms, a term without ``name``/``weight``, or duplicate or reserved names.
     """
 
     def __init__(
-        self,
-        G_HP: nn.Module,
-        G_PH: nn.Module,
-        D_P: nn.Module,
-        D_H: nn.Module,
-        lambda_cc: float = 10.0,
-        lambda_id: float = 5.0,
-        lambda_am: float = 10.0,
-        lambda_gan: float = 1.0,
-        am_in_hph: bool = False,
-        critic_mask: bool = False,
+        self, G_HP: nn.Module, G_PH: nn.Module, D_P: nn.Module, D_H: nn.Module, terms: Sequence[nn.Module]
     ) -> None:
         super().__init__()
         self.G_HP, self.G_PH, self.D_P, self.D_H = G_HP, G_PH, D_P, D_H
-        self.critic_mask = bool(critic_mask)
-        self.lambda_cc, self.lambda_id, self.lambda_am = float(lambda_cc), float(lambda_id), float(lambda_am)
-        self.lambda_gan, self.am_in_hph = float(lambda_gan), bool(am_in_hph)
+        terms = list(terms)
+        if not terms:
+            raise ValueError("GeneratorObjective needs at least one loss term")
+        for t in terms:
+            if not isinstance(t, nn.Module) or not hasattr(t, "name") or not hasattr(t, "weight"):
+                raise ValueError(f"a generator loss term must be an nn.Module with a name and a weight, got {t!r}")
+        names = [t.name for t in terms]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        bad = sorted(set(names) & set(RESERVED_NAMES))
+        if dup or bad:
+            raise ValueError(f"generator loss term names must be unique and not in {RESERVED_NAMES}: {dup + bad}")
+        self.terms = nn.ModuleList(terms)
 
     def forward(
         self,
@@ -187,33 +319,22 @@ class GeneratorObjective(nn.Module):
         brainmask_h: torch.Tensor | None = None,
         brainmask_p: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        y_h = torch.zeros_like(y_hp)
+        cycle: dict[str, Any] = dict(
+            x_h=x_h, y_hp=y_hp, x_p=x_p, y_p=y_p, brainmask_h=brainmask_h, brainmask_p=brainmask_p,
+            D_P=self.D_P, D_H=self.D_H,
+        )  # fmt: skip
         # HPH cycle
-        fake_p = self.G_HP(x_h, y_hp)
-        rec_h = self.G_PH(fake_p, y_hp)
-        id_h = self.G_PH(x_h, y_h)
+        cycle["fake_p"] = self.G_HP(x_h, y_hp)
+        cycle["rec_h"] = self.G_PH(cycle["fake_p"], y_hp)
+        cycle["id_h"] = self.G_PH(x_h, torch.zeros_like(y_hp))
         # PHP cycle
-        fake_h = self.G_PH(x_p, y_p)
-        rec_p = self.G_HP(fake_h, y_p)
-        id_p = self.G_HP(x_p, y_p)
+        cycle["fake_h"] = self.G_PH(x_p, y_p)
+        cycle["rec_p"] = self.G_HP(cycle["fake_h"], y_p)
+        cycle["id_p"] = self.G_HP(x_p, y_p)
 
-        cc = L_CC(rec_h, x_h) + L_CC(rec_p, x_p)
-        ident = L_ID(id_h, x_h) + L_ID(id_p, x_p)
-        am = L_AM(fake_h, x_p, y_p, brainmask_p)
-        if self.am_in_hph:
-            am = am + L_AM(fake_p, x_h, y_hp, brainmask_h)
-        # mask-conditioned critics judge each fake with the mask it was made for
-        m_p, m_h = (y_hp, y_p) if self.critic_mask else (None, None)
-        gan = L_GAN(self.D_P(critic_input(fake_p, m_p))) + L_GAN(self.D_H(critic_input(fake_h, m_h)))
-        total = self.lambda_cc * cc + self.lambda_id * ident + self.lambda_am * am + self.lambda_gan * gan
-        return {
-            "G": total,
-            "CC": cc.detach(),
-            "ID": ident.detach(),
-            "AM": am.detach(),
-            "GAN": gan.detach(),
-            "fake_p": fake_p.detach(),
-            "rec_h": rec_h.detach(),
-            "fake_h": fake_h.detach(),
-            "rec_p": rec_p.detach(),
-        }
+        values = {t.name: t(cycle) for t in self.terms}
+        total = sum(t.weight * values[t.name] for t in self.terms)
+        out: dict[str, torch.Tensor] = {"G": total}
+        out.update({name: v.detach() for name, v in values.items()})
+        out.update({k: cycle[k].detach() for k in CYCLE_IMAGES})
+        return out

@@ -1,4 +1,4 @@
-"""Synthesis quality metrics (issue 4, "Synthesis quality"; beyond the paper, which reports none).
+"""Synthesis quality metrics (beyond the paper, which reports none).
 
 All statistics are accumulated as sums over a validation set, then turned into ratios, so patches of any
 size and any number of lesions combine exactly. Definitions (images in [0, 1], masks non-zero = lesion,

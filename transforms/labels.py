@@ -1,4 +1,5 @@
-"""Lesion labels: every command counts CMBs on instance labels (one positive value per lesion)."""
+"""Lesion labels: CMBs are counted on instance labels (one positive value per lesion) everywhere: the lesion
+bank, candidate labelling, FROC evaluation and synthesis outputs all call :func:`as_instance_labels`."""
 
 from __future__ import annotations
 
