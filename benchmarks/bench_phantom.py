@@ -1,9 +1,10 @@
 """Phantom generation speed and memory: seconds and peak RSS per subject on one core.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--out results.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--preset default|benchmark] [--out results.json]
 
 Target: at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
-process) is timed separately.
+process) is timed separately. ``--preset benchmark`` simulates with the benchmark preset's options, the
+subjects alternating between its sites, pathological ones with 6 planned CMBs (about the preset's mean).
 """
 
 from __future__ import annotations
@@ -21,10 +22,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--subjects", type=int, default=4)
+    p.add_argument("--preset", default="default", choices=("default", "benchmark"))
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from cmb_synthesis.phantom.anatomy import mni_templates
+    from cmb_synthesis.phantom.benchmark import BENCHMARK_OPTIONS, SITES, site_options
     from cmb_synthesis.phantom.subject import simulate_subject
+
+    def options(n: int) -> dict:
+        if args.preset == "default":
+            return {}
+        return {**BENCHMARK_OPTIONS, **site_options(sorted(SITES)[(n // 2) % len(SITES)]), "n_lesions": 6}
 
     t0 = time.perf_counter()
     mni_templates()
@@ -32,11 +40,11 @@ def main() -> None:
     times, cpu = [], []
     for n in range(args.subjects):
         t, c = time.perf_counter(), time.process_time()
-        simulate_subject(1000 + n, pathological=bool(n % 2 == 0))
+        simulate_subject(1000 + n, pathological=bool(n % 2 == 0), **options(n))
         times.append(time.perf_counter() - t)
         cpu.append(time.process_time() - c)
     peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    res = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
+    res = {"preset": args.preset, "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, OMP_NUM_THREADS="
                       f"{os.environ['OMP_NUM_THREADS']}", "template_load_s": round(load_s, 2),
            "per_subject_s": [round(t, 2) for t in times], "mean_s": round(sum(times) / len(times), 2),
            "cpu_s_per_subject": [round(t, 2) for t in cpu], "mean_cpu_s": round(sum(cpu) / len(cpu), 2),

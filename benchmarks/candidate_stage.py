@@ -2,7 +2,7 @@
 
 For every scan of the split: preprocess as the detector does (``transforms.pipelines.preprocessing``:
 load, RAS, percentile clip + rescale to [0, 1] inside the brain mask), FRST candidates inside the brain mask
-(``transforms.frst.FRSTCandidatesd`` with the given settings, defaults = the tuned defaults), then the FROC
+(``transforms.candidates.FRSTCandidatesd`` with the given settings, defaults = the tuned defaults), then the FROC
 hit rule (``cmb_synthesis.evaluation.hits.match_candidates``: a candidate hits a CMB when its voxel lies in the CMB's
 instance mask). Reports the fraction of CMBs hit by at least one candidate, candidates per scan, the same at
 smaller caps, the missed CMBs' sizes, seconds per scan, and the FROC of the FRST score alone.
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 from cmb_synthesis.evaluation import froc  # noqa: E402
 from cmb_synthesis.evaluation.hits import match_candidates  # noqa: E402
-from transforms import frst  # noqa: E402
+from transforms import candidates, frst  # noqa: E402
 
 CAPS = (25, 50, 100, 200, 300, 500)
 
@@ -58,7 +58,7 @@ def load_scan(item: dict[str, Any]) -> dict[str, Any]:
         d = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))(
             {"image": item["image"], "brainmask": item["brainmask"], "label": item["label"]})
         img, bm, lab = (np.asarray(d[k][0]) for k in ("image", "brainmask", "label"))
-        spacing = frst.spacing_from_affine(d["image"].affine)
+        spacing = candidates.spacing_from_affine(d["image"].affine)
         how = "transforms.pipelines.preprocessing"
     else:
         from cmb_synthesis.data.io import load_nifti
@@ -66,7 +66,7 @@ def load_scan(item: dict[str, Any]) -> dict[str, Any]:
         img, aff, _ = load_nifti(item["image"])
         bm = load_nifti(item["brainmask"], np.uint8)[0]
         lab = load_nifti(item["label"], np.int64)[0]
-        spacing = frst.spacing_from_affine(aff)
+        spacing = candidates.spacing_from_affine(aff)
         how = "nibabel (raw intensities; FRST candidates do not depend on the intensity scale)"
     return {"id": str(item.get("id") or Path(item["image"]).name), "image": img.astype(np.float32),
             "brainmask": bm > 0, "label": lab.astype(np.int64), "spacing": spacing, "loader": how,
@@ -86,7 +86,7 @@ def run_scan(scan: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Candidates of one scan and their hits: returns coords, scores, the ScanResult and the time."""
     t0 = time.perf_counter()
     fmap = frst.frst_3d(scan["image"], scan["spacing"], mask=scan["brainmask"], **settings["frst"])
-    coords, scores = frst.find_candidates(fmap, scan["brainmask"], scan["spacing"], image=scan["image"],
+    coords, scores = candidates.find_candidates(fmap, scan["brainmask"], scan["spacing"], image=scan["image"],
                                           **settings["candidates"])
     seconds = time.perf_counter() - t0
     result = match_candidates(scan["id"], coords, scores, scan["label"])

@@ -5,6 +5,12 @@
 Writes ``phantom_montage.png`` (axial slices of a pathological subject; close-ups of CMBs beside vein
 cross-sections, ground truth outlined) and ``phantom_contrast.json`` / prints a Markdown table of mean
 intensities (relative to white matter) measured over every subject of the cohort.
+
+For a ``benchmark`` cohort (items with a ``mimic_map``) it writes instead ``phantom_benchmark_montage.png``
+(one panel per realism element: small CMBs and blooming, a faint CMB, vessels in cross-section and at a
+bifurcation, basal-ganglia mineralisation, choroid-plexus and pineal calcifications, flow voids, an air-bone
+artefact, the two sites) and ``phantom_benchmark_stats.json`` (counts per split, lesion sizes and contrast,
+mimics per type, measured SNR per site), printed as Markdown.
 """
 
 from __future__ import annotations
@@ -117,6 +123,14 @@ def main() -> None:
     args = p.parse_args()
     datalist = Path(args.cohort) / "datalist.json"
     out = Path(args.out)
+    if "mimic_map" in json.loads(datalist.read_text())["test"][0]:
+        from phantom_benchmark_figures import benchmark_montage, benchmark_stats, print_stats
+
+        benchmark_montage(datalist, out / "phantom_benchmark_montage.png")
+        stats = benchmark_stats(datalist)
+        write_json(stats, out / "phantom_benchmark_stats.json")
+        print_stats(stats)
+        return
     montage(datalist, out / "phantom_montage.png")
     table = contrast_table(datalist)
     write_json(table, out / "phantom_contrast.json")

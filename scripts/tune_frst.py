@@ -35,7 +35,7 @@ from candidate_stage import load_scan, load_split  # noqa: E402
 
 from cmb_synthesis.evaluation import froc  # noqa: E402
 from cmb_synthesis.evaluation.hits import match_candidates  # noqa: E402
-from transforms import frst  # noqa: E402
+from transforms import candidates, frst  # noqa: E402
 
 GRID: dict[str, list[Any]] = {
     "radii_mm": [(1.0, 1.5, 2.0, 3.0), (1.0, 2.0, 3.0), (1.0, 1.5, 2.0), (1.5, 2.0, 3.0, 4.0),
@@ -62,7 +62,7 @@ def evaluate_setting(scans: list[dict[str, Any]], s: dict[str, Any], cap: int, c
                 scan["image"], scan["spacing"], mask=scan["brainmask"], dtype=np.float32, workers=2, radii_mm=s["radii_mm"],
                 alpha=s["alpha"], beta=s["beta"], presmooth_sigma_mm=s["presmooth_sigma_mm"])
         fmap = cache[(fkey, i)]
-        coords, scores = frst.find_candidates(fmap, scan["brainmask"], scan["spacing"], image=scan["image"],
+        coords, scores = candidates.find_candidates(fmap, scan["brainmask"], scan["spacing"], image=scan["image"],
                                               min_distance_mm=s["min_distance_mm"], max_candidates=cap,
                                               snap_radius_mm=s["snap_radius_mm"])
         seconds += time.perf_counter() - t0

@@ -7,8 +7,8 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from transforms.frst import (FRSTCandidatesd, _ellipsoid_footprint, find_candidates, frst_3d, kappa_for_radius,
-                             snap_to_darkest)
+from transforms.candidates import FRSTCandidatesd, _ellipsoid_footprint, find_candidates, snap_to_darkest
+from transforms.frst import frst_3d, kappa_for_radius
 from transforms.spacing import half_widths, snap_spacing, voxel_ratio, within_radius
 
 RADII = (1.0, 1.5, 2.0, 3.0)

@@ -173,3 +173,156 @@ def test_paper_preset_mirrors_the_paper_split():
     assert (p["n_train_pathological"], p["n_train_healthy"]) == (46, 14)
     assert (p["n_val_pathological"], p["n_val_healthy"]) == (11, 4)
     assert (p["n_test_pathological"], p["n_test_healthy"]) == (10, 0)
+
+
+# --- the benchmark preset --------------------------------------------------------------------------------------
+
+SMALL = dict(shape=(96, 96, 64), n_cortical_veins=40, n_medullary_veins=40)
+BENCH_SPLIT = dict(n_train_pathological=1, n_train_healthy=1, n_val_pathological=1, n_val_healthy=0,
+                   n_test_pathological=2, n_test_healthy=0)
+# every mimic type in every subject (the preset draws most of them with a probability < 1)
+ALL_MIMICS = dict(mineralisation_rate=4.0, pineal_prob=1.0, choroid_prob=1.0, flow_void_prob=1.0)
+
+
+def test_benchmark_preset_counts_and_planned_test_lesions():
+    from cmb_synthesis.phantom import planned_lesions
+    from cmb_synthesis.phantom.benchmark import plan_lesion_counts
+
+    b, d = PRESETS["benchmark"], PRESETS["default"]
+    assert b["n_test_pathological"] >= 40 and b["n_val_pathological"] >= 10 and b["n_val_healthy"] >= 1
+    assert (b["n_train_pathological"], b["n_train_healthy"]) == (d["n_train_pathological"], d["n_train_healthy"])
+    for seed in range(10):
+        plan = planned_lesions("benchmark", seed)
+        assert [len(plan[s]) for s in ("training", "validation", "test")] == [12, 10, 40]
+        assert sum(plan["test"]) >= 220 and sum(plan["validation"]) >= 55
+        assert all(1 <= c <= 30 for s in plan.values() for c in s)
+    assert planned_lesions("benchmark", 3) == planned_lesions("benchmark", 3)
+    assert planned_lesions("benchmark", 3) != planned_lesions("benchmark", 4)
+    assert planned_lesions("default", 0) is None and planned_lesions("paper", 0) is None
+    # the top-up: a floor above the log-normal mean is met exactly, and a lower floor changes nothing
+    assert sum(plan_lesion_counts(0, "test", 40, min_mean_lesions=12.0)) == 480
+    free = plan_lesion_counts(0, "test", 40, min_mean_lesions=0.0)
+    assert 1 < len(set(free)) and plan_lesion_counts(0, "test", 40, min_mean_lesions=1.0) == free
+    with pytest.raises(ValueError, match="maximum"):
+        plan_lesion_counts(0, "test", 4, min_mean_lesions=31.0)
+
+
+def test_benchmark_lesion_sizes_and_contrast_spread():
+    from cmb_synthesis.phantom.lesions import sample_benchmark_specs
+
+    specs = sample_benchmark_specs(np.random.default_rng(0), 4000)
+    d = np.array([s.diameter_mm for s in specs])
+    depth = np.array([s.depth for s in specs])
+    bloom = np.array([s.bloom for s in specs])
+    assert ((d >= 2) & (d <= 3)).mean() > 0.35 and np.median(d) < 3.0 and d.max() <= 10.0
+    assert 0.2 < (depth < 0.4).mean() < 0.4 and depth.min() >= 0.2       # some faint
+    assert bloom.min() >= 1.1 and bloom.max() <= 1.7
+
+
+def test_blooming_profile_reaches_beyond_the_label_with_partial_volume():
+    from cmb_synthesis.phantom.lesions import LesionSpec, _blooming_profile, _rho
+
+    spacing, reach, frac, rot = np.array(SPACING), 6, np.array([0.2, -0.1, 0.3]), np.eye(3)
+    spec = LesionSpec(diameter_mm=2.5, elongation=1.0, depth=0.5, bloom=1.6)
+    prof = _blooming_profile(spec, rot, spacing, reach, frac)
+    rho = _rho(spec, rot, spacing, reach, frac)
+    assert prof.max() == pytest.approx(1.0) and prof.min() == 0.0
+    assert (prof[rho <= 1.0] > 0.95).all()                           # the labelled core is fully dark
+    assert (prof[(rho > 1.5) & (rho < 1.7)] > 0.2).all()             # blooming: dark beyond the label
+    edge = prof[(prof > 0) & (prof < 1)]
+    assert len(edge) > 20 and len(np.unique(np.round(edge, 3))) > 10  # graded partial volume, not binary
+    plain = _blooming_profile(LesionSpec(2.5, 1.0, 0.5, 1.0), rot, spacing, reach, frac)
+    assert (prof > 0.05).sum() > 2 * (plain > 0.05).sum()
+
+
+@pytest.fixture(scope="module")
+def bench_cohort(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench") / "cohort"
+    return str(generate_cohort(out, preset="benchmark", seed=5, options={**SMALL, **ALL_MIMICS}, **BENCH_SPLIT))
+
+
+def test_benchmark_cohort_sites_planned_lesions_and_unlabelled_mimics(bench_cohort):
+    from monai.data import load_decathlon_datalist
+
+    from cmb_synthesis.phantom import MIMIC_CODES, MIMIC_TYPES, SITES, planned_lesions
+
+    items = _items(bench_cohort)
+    plan = planned_lesions("benchmark", 5, **BENCH_SPLIT)
+    for split in ("training", "validation", "test"):
+        got = [it["n_lesions"] for it in items if it["split"] == split and it["group"] == "pathological"]
+        assert got == plan[split]
+    assert {it["site"] for it in items} == set(SITES)
+    assert {it["site"] for it in items if it["split"] == "training"} == {"A"}   # one per group: both start at A
+    assert [it["site"] for it in items if it["split"] == "test"] == ["A", "B"]
+    assert Path(load_decathlon_datalist(bench_cohort, True, "test")[0]["mimic_map"]).is_file()
+    totals = dict.fromkeys(MIMIC_TYPES, 0)
+    for it in items:
+        lab = _load(bench_cohort, it["label"])
+        code = _load(bench_cohort, it["mimic_map"])
+        swi = _load(bench_cohort, it["image"]).astype(np.float64)
+        rows = list(csv.DictReader(open(Path(bench_cohort).parent / it["mimics"])))
+        assert {t: sum(r["type"] == t for r in rows) for t in MIMIC_TYPES} == it["mimic_counts"]
+        for t in MIMIC_TYPES:
+            totals[t] += it["mimic_counts"][t]
+        # mimics are never labelled, nor touching a label
+        assert not (ndimage.binary_dilation(code > 0) & (lab > 0)).any()
+        for t in ("basal_ganglia_mineralisation", "pineal_calcification", "choroid_plexus_calcification", "flow_void"):
+            m = code == MIMIC_CODES[t]
+            assert m.any(), (it["id"], t)
+            ring = ndimage.binary_dilation(m, iterations=3) & ~ndimage.binary_dilation(m) & (code == 0)
+            assert swi[m].mean() < 0.8 * swi[ring].mean(), (it["id"], t)     # dark against its surroundings
+        for r in rows:
+            if r["type"] in ("basal_ganglia_mineralisation", "pineal_calcification", "flow_void"):
+                assert code[int(r["i"]), int(r["j"]), int(r["k"])] > 0
+    assert all(v > 0 for v in totals.values()), totals
+
+
+def test_two_sites_differ_in_noise_and_slice_thickness():
+    from cmb_synthesis.phantom import SITES
+    from cmb_synthesis.phantom.subject import slice_profile
+
+    assert np.allclose(slice_profile(2.0, 1.0), [0.25, 0.5, 0.25]) and np.allclose(slice_profile(1.0, 1.0), [1.0])
+    assert SITES["A"]["slice_thickness_mm"] != SITES["B"]["slice_thickness_mm"]
+    kw = dict(shape=(96, 96, 64), n_cortical_veins=20, n_medullary_veins=20)
+    ratio = {}
+    for site, opts in SITES.items():
+        s = simulate_subject(3, False, site=site, **kw, **opts)
+        assert s.site == site
+        # noise: Rayleigh background far from the head, mean = sigma * sqrt(pi / 2), sigma = 400 / SNR
+        far = ndimage.distance_transform_edt(s.brainmask == 0, sampling=(0.98, 0.98, 1.0)) > 11
+        snr = 400.0 / (s.swi[far].mean() / np.sqrt(np.pi / 2))
+        assert opts["snr"][0] * 0.9 <= snr <= opts["snr"][1] * 1.1, (site, snr)
+        # slice thickness, noise-free: through-plane vs in-plane gradient energy inside the brain
+        q = simulate_subject(3, False, site=site, **kw, **{**opts, "snr": (1e6, 1e6)})
+        b = q.brainmask > 0
+        gz = np.diff(q.swi, axis=2)[b[:, :, 1:]]
+        gx = np.diff(q.swi, axis=0)[b[1:]]
+        ratio[site] = float((gz ** 2).mean() / (gx ** 2).mean())
+    assert SITES["A"]["snr"][0] > SITES["B"]["snr"][1]          # disjoint noise ranges
+    assert ratio["B"] < 0.75 * ratio["A"], ratio                 # 2 mm slices: smoother through-plane
+
+
+def test_default_preset_unchanged():
+    """The default phantom (no realism option) keeps its exact integer outputs and intensities."""
+    import hashlib
+
+    s = simulate_subject(5, True, **SMALL)
+    h = hashlib.sha256()
+    for a in (s.cmb, s.veins, s.tissue, s.brainmask):
+        h.update(np.ascontiguousarray(a).tobytes())
+    assert h.hexdigest() == "f8d7200acf202d4309dd5860f6d50068a0b814070ddbc599d8f66e9813ef79c5"
+    assert s.lesions[0] == {"label": 1, "i": 35, "j": 51, "k": 34, "diameter_mm": 5.092, "volume_mm3": 69.149,
+                            "elongation": 1.573, "x": -12.25, "y": 3.43, "z": 2.5}
+    swi = s.swi.astype(np.float64)
+    assert swi.mean() == pytest.approx(177.39659137314436, rel=1e-6)
+    assert swi.std() == pytest.approx(159.73694754075234, rel=1e-6)
+    w = np.arange(swi.size, dtype=np.float64).reshape(swi.shape) % 97
+    assert (swi * w).sum() == pytest.approx(5024030430.950249, rel=1e-6)
+    assert s.mimics is None and s.site is None
+
+
+def test_cli_accepts_the_benchmark_preset(tmp_path):
+    r = _cli("--output", str(tmp_path / "missing" / "cohort"), "--preset", "benchmark")
+    assert r.returncode == 2 and "does not exist" in r.stderr          # checked past the preset choice
+    r = _cli("--output", str(tmp_path / "x"), "--preset", "hard")
+    assert r.returncode == 2 and "invalid choice" in r.stderr

@@ -6,7 +6,10 @@ import inspect
 import json
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pytest
+import torch
 
 from cmb_synthesis.study import runner
 from cmb_synthesis.study.runner import ARMS, arm_name, run_configs, run_study, subset_datalist
@@ -45,6 +48,9 @@ def test_study_yaml_lists_run_study_and_stacks_each_bundles_configs(preset):
     assert p.get_parsed_content("run_study#detection_train_configs") == train
     assert p.get_parsed_content("run_study#detection_eval_configs") == [*train, "configs/evaluate.yaml"]
     assert p.get_parsed_content("run_study#detection_overrides") == ({"max_epochs": 8} if preset == "cpu" else {})
+    # the preset's own phantom cohort (paper: the paper's split sizes), generated lazily (not here)
+    assert p.get_parsed_content("dataset_dir").endswith("phantom_paper" if preset == "paper" else "phantom")
+    assert ("preset='paper'" in p["datalist"]) and ("ensure_cohort" in p["datalist"])
     arms = p.get_parsed_content("run_study#arms")
     assert [tuple(a) for a in arms] == list(ARMS)
 
@@ -133,3 +139,41 @@ def test_tiny_study_produces_every_artefact_and_resumes(tiny_cohort, tmp_path):
     again = run_study(**kw)
     assert {p: p.stat().st_mtime for p in (out / "stages").glob("*/stage.json")} == stamp
     assert again["repeats"][0]["arms"] == rep["arms"]
+
+
+PAPER = ["configs/train.yaml", "configs/paper.yaml"]
+# the paper preset's structure (paper.yaml merged: 160x146x32 patches, stem 7^3, instance norm, image-only
+# critics with 3 layers, 4 loader workers) at tiny widths and budgets, on the CPU
+SYN_PAPER_TINY = dict(device="cpu", batch_size=2, epoch_length=2, max_epochs=1, val_interval=1,
+                      val_patches_per_volume=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
+DET_PAPER_TINY = dict(device="cpu", batch_size=8, epoch_length=2, max_epochs=1, val_interval=1)
+
+
+@pytest.mark.e2e
+def test_paper_preset_study_trains_synthesises_and_evaluates(tiny_cohort, tmp_path):
+    """The study's paper path end to end: synthesis training and synthesis inference with train.yaml +
+    paper.yaml (the trained networks have the paper's structure), then a paper-preset detector (3-D DenseNet121
+    on 32^3 patches) trained on the synthetic scans and evaluated on the test split."""
+    out = tmp_path / "study"
+    results = run_study(out, tiny_cohort, REPO / "bundles" / "cmb_synthesis", REPO / "bundles" / "cmb_detection",
+                        synthesis_train_configs=PAPER, detection_train_configs=PAPER,
+                        synthesis_overrides=SYN_PAPER_TINY, detection_overrides=DET_PAPER_TINY,
+                        n_real_pathological=2, arms=[("synthetic", False)], n_bootstrap=20, in_process=True)
+    (models,) = (out / "stages").glob("synthesis-train-*/models")
+    g = torch.load(models / "G_HP.pt", weights_only=True)
+    d = torch.load(models / "D_P.pt", weights_only=True)
+    assert g["stem.0.weight"].shape == (2, 2, 7, 7, 7) and "stem.1.weight" in g  # 7^3 stem, instance norm
+    assert d["net.initial_conv.conv.weight"].shape[1] == 1 and "net.2.conv.weight" in d  # image only, 3 layers
+    meta = json.loads((models / "metrics.json").read_text())
+    assert meta["preset"] == "paper" and meta["patch_size"] == [160, 146, 32]
+    rep = results["repeats"][0]
+    assert rep["n_synthetic"] == 2
+    synth = out / "stages" / rep["stages"]["synthesise"]
+    assert "configs/paper.yaml" in (synth / "log_round0.txt").read_text()  # inference built the paper networks
+    for it in json.loads((synth / "datalist.json").read_text())["training"]:
+        assert nib.load(it["image"]).shape == nib.load(it["source"]).shape
+        assert (np.asarray(nib.load(it["label"]).dataobj) > 0).any()
+    s = rep["arms"]["synthetic"]
+    assert s["n_scans"] == 2 and s["n_lesions"] > 0 and 0.0 <= s["sensitivity_at_10"] <= 1.0
+    (det,) = (out / "stages").glob("detector-synthetic-*/models/model.pt")
+    assert any(k.startswith("features.denseblock4") for k in torch.load(det, weights_only=True))

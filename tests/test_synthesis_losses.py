@@ -17,6 +17,7 @@ from cmb_synthesis.synthesis.losses import (
     CycleConsistencyLoss,
     GeneratorObjective,
     IdentityLoss,
+    LesionCycleLoss,
     critic_input,
     gradient_penalty,
     paper_terms,
@@ -184,3 +185,27 @@ def test_generator_objective_rejects_bad_terms():
         GeneratorObjective(g1, g2, d1, d2, [AbnormalityMaskLoss(name="G")])
     with pytest.raises(ValueError, match="name and a weight"):
         GeneratorObjective(g1, g2, d1, d2, [nn.L1Loss()])
+
+
+def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_each_cycle():
+    g1, g2 = _perturbed_generators()
+    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
+    x_h, x_p = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    y = torch.zeros_like(x_h)
+    y[:, :, 7:9, 7:9, 7:9] = 1
+    bm = torch.ones_like(x_h)
+    term = LesionCycleLoss(weight=1.0, dilation=1)
+    out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
+    region = torch.zeros_like(y, dtype=torch.bool)
+    region[:, :, 6:10, 6:10, 6:10] = True  # the mask dilated by one voxel
+    with torch.no_grad():
+        paint = (g1(g2(x_p, y), y) - x_p).abs()[region].mean()
+        remove = (g2(g1(x_h, y), y) - x_h).abs()[region].mean()
+    torch.testing.assert_close(out["CC_lesion"], paint + remove)
+    # the PHP part trains G_HP only: G_PH's output enters it detached (no hiding of the lesion for the cycle)
+    g1.zero_grad(), g2.zero_grad()
+    cyc = {"x_p": x_p, "y_p": y, "x_h": x_h, "y_hp": torch.zeros_like(y), "fake_h": g2(x_p, y),
+           "fake_p": x_h.clone(), "G_HP": g1, "G_PH": g2, "brainmask_p": bm, "brainmask_h": bm}
+    term(cyc).backward()
+    assert g1.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in g2.parameters())

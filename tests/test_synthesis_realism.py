@@ -69,3 +69,28 @@ def test_two_sample_auc_separates_flat_from_blooming_and_not_blooming_from_bloom
     rep = realism_report(real_p, flat_p, real_x, flat_x)
     assert rep["realism_auc"] > 0.95 and rep["centre_ratio"] > 1.3
     assert np.isnan(two_sample_auc(np.zeros((1, 3)), np.ones((5, 3))))
+
+
+def test_realism_metric_accumulates_a_round_and_compares_with_the_reference():
+    from cmb_synthesis.synthesis.realism import REALISM_METRICS, RealismMetric, batch_measurements
+
+    rng = np.random.default_rng(3)
+    centres = [(10, 10, 10), (28, 28, 28), (10, 28, 20)]
+    real = [_patch(rng, centres, "blooming", noise=0.03) for _ in range(4)]
+    flat = [_patch(rng, centres, "flat", noise=0.03) for _ in range(4)]
+    reference = batch_measurements(np.stack([r[0] for r in real])[:, None], np.stack([r[1] for r in real])[:, None])
+    metrics = {n: RealismMetric(n, reference=reference) for n in REALISM_METRICS}
+    for m in metrics.values():
+        m.reset()
+    for img, mask in flat:  # one evaluator iteration per painted patch
+        out = {"realism": {"synthetic": batch_measurements(img[None, None], mask[None, None]),
+                           "real": (np.zeros((0, 5)), np.zeros((0, 343)))}}
+        for m in metrics.values():
+            m.update(out)
+    values = {n: m.compute() for n, m in metrics.items()}
+    assert values["realism_auc"] > 0.9 and values["centre_ratio"] > 1.3
+    assert values["profile_real_0"] == pytest.approx(0.35, abs=0.05)
+    assert values["profile_synthetic_0"] == pytest.approx(0.66, abs=0.05)
+    assert values["profile_error"] == pytest.approx(values["profile_synthetic_0"] - values["profile_real_0"], abs=1e-9)
+    with pytest.raises(ValueError, match="unknown realism metric"):
+        RealismMetric("realness")

@@ -22,12 +22,12 @@ _EXPORTS = {
     "extract_candidate_patches": "patches",
     "classical_augmentation": "augment",
     "RandAffineKeepLesionsd": "augment",
-    "LesionBank": "lesion_mask",
+    "LesionBank": "lesion_bank",
     "RandLesionMaskd": "lesion_mask",
     "allowed_region": "lesion_mask",
     "frst_3d": "frst",
-    "find_candidates": "frst",
-    "FRSTCandidatesd": "frst",
+    "find_candidates": "candidates",
+    "FRSTCandidatesd": "candidates",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -71,7 +71,7 @@ def extract_candidate_patches(
 class CandidatePatchesd(MapTransform):
     """Candidate-centred patch stacks for the detection classifier.
 
-    ``data[candidates_key]``: (N, 3) int voxel indices (e.g. from ``transforms.frst.FRSTCandidatesd``).
+    ``data[candidates_key]``: (N, 3) int voxel indices (e.g. from ``transforms.candidates.FRSTCandidatesd``).
     For every key, ``data[key]`` (C, X, Y, Z) is replaced (or written to ``output_key`` / ``f"{key}{suffix}"``
     when given) by the float tensor (N, C, px, py, pz) of patches centred on the candidates (centre voxel at
     index ``p // 2``), zero (``padding_mode="constant"``) or edge (``"replicate"``) padded at borders.

@@ -124,7 +124,10 @@ def read_image(
     if not np.isfinite(img.affine).all() or abs(np.linalg.det(img.affine[:3, :3])) < 1e-12:
         raise ValueError(f"{p}: invalid (singular or non-finite) voxel-to-world affine")
     check_spacing(img.affine, p, spacing_range, expected_spacing)
-    data = np.asanyarray(img.dataobj)
+    try:
+        data = np.asanyarray(img.dataobj)
+    except Exception as e:  # a truncated or corrupt file: gzip EOFError, short read, zlib error
+        raise ValueError(f"{p}: truncated or corrupt voxel data ({type(e).__name__}: {e})") from e
     if np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         raise ValueError(f"{p}: contains NaN or Inf voxels")
     return img
@@ -338,7 +341,11 @@ def load_scan(
         data["brainmask"] = _meta_tensor(bm.array, bm.affine, str(brainmask))
         mask_source = "file"
     elif estimate_mask:
-        data["brainmask"] = _meta_tensor(estimate_brainmask(can.array, can.spacing), can.affine, f"{image} (estimated mask)")
+        try:
+            estimated = estimate_brainmask(can.array, can.spacing)
+        except ValueError as e:
+            raise ValueError(f"{image}: no brain mask beside it and none can be estimated ({e})") from e
+        data["brainmask"] = _meta_tensor(estimated, can.affine, f"{image} (estimated mask)")
         mask_source = "estimated"
     else:
         raise ValueError(f"{image}: no brain mask given")

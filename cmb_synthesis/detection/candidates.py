@@ -19,7 +19,7 @@ import torch
 
 from cmb_synthesis.data.io import PathLike, atomic_output
 from cmb_synthesis.evaluation.hits import hit_lesions
-from transforms.frst import FRSTCandidatesd
+from transforms.candidates import FRSTCandidatesd
 
 __all__ = ["CANDIDATE_CACHE_VERSION", "scan_candidates", "label_candidates", "to_source_voxels"]
 
@@ -52,7 +52,7 @@ def scan_candidates(
 
     Args:
         scan: dict with ``image`` and ``brainmask`` (1, X, Y, Z) and ``spacing``.
-        frst: keyword arguments of ``transforms.frst.FRSTCandidatesd`` (radii_mm, beta, max_candidates, ...);
+        frst: keyword arguments of ``transforms.candidates.FRSTCandidatesd`` (radii_mm, beta, max_candidates, ...);
             empty: the FRST defaults tuned on the phantom training split.
         cache_dir: folder of ``<sha256>.npz`` files (None: no cache). The key covers the image and mask
             voxels, the spacing and the settings, so a changed scan or setting never reuses a stale result.

@@ -1,4 +1,4 @@
-"""``python -m cmb_synthesis.phantom --output DIR [--preset default|paper] [--seed S] [--overwrite]``.
+"""``python -m cmb_synthesis.phantom --output DIR [--preset default|paper|benchmark] [--seed S] [--overwrite]``.
 
 Exit codes: 0 success, 2 bad input (message on stderr naming the problem and the path; nothing written).
 """

@@ -14,9 +14,11 @@ from typing import Any
 import numpy as np
 
 from cmb_synthesis.data.io import atomic_directory
-from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, simulate_subject
+from cmb_synthesis.phantom.benchmark import BENCHMARK_COUNTS, REALISM_PRESETS, assign_sites, plan_lesion_counts, site_options
+from cmb_synthesis.phantom.mimics import MIMIC_CODES, MIMIC_TYPES
+from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, REALISM_OPTIONS, simulate_subject
 
-__all__ = ["PRESETS", "SPLIT_KEYS", "generate_cohort", "ensure_cohort", "write_subject"]
+__all__ = ["PRESETS", "SPLIT_KEYS", "generate_cohort", "ensure_cohort", "write_subject", "planned_lesions"]
 
 FORMAT_VERSION = 1
 SPLIT_KEYS = (
@@ -29,8 +31,13 @@ PRESETS: dict[str, dict[str, int]] = {
                   n_test_pathological=10, n_test_healthy=0),
     "default": dict(n_train_pathological=12, n_train_healthy=6, n_val_pathological=3, n_val_healthy=2,
                     n_test_pathological=8, n_test_healthy=0),
+    # harder, two sites, >= 220 planned test CMBs (benchmark.py)
+    "benchmark": dict(BENCHMARK_COUNTS),
 }
 LESION_FIELDS = ["label", "i", "j", "k", "x", "y", "z", "diameter_mm", "volume_mm3", "elongation"]
+LESION_EXTRA_FIELDS = ["deposit_diameter_mm", "bloom", "contrast"]    # benchmark lesion model
+MIMIC_FIELDS = ["type", "i", "j", "k", "x", "y", "z", "size_mm", "darkening"]
+SPLITS = (("training", "train"), ("validation", "val"), ("test", "test"))
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -63,15 +70,27 @@ def write_subject(subject, sid: str, folder: Path) -> dict[str, Any]:
         _save(arr, subject.affine, folder / name)
         item[key] = name
     csv_name = f"{sid}_cmb.csv"
+    extra = [k for k in LESION_EXTRA_FIELDS if subject.lesions and k in subject.lesions[0]]
     with open(folder / csv_name, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=LESION_FIELDS)
+        w = csv.DictWriter(f, fieldnames=LESION_FIELDS + extra)
         w.writeheader()
         for row in subject.lesions:
-            w.writerow({k: row[k] for k in LESION_FIELDS})
+            w.writerow({k: row[k] for k in LESION_FIELDS + extra})
     item["lesions"] = csv_name
     item["group"] = "pathological" if subject.pathological else "healthy"
     item["id"] = sid
     item["n_lesions"] = len(subject.lesions)
+    if subject.mimics is not None:            # realism options: site, mimic map and table, counts per type
+        item["site"] = subject.site
+        item["mimic_map"] = f"{sid}_mimics.nii.gz"
+        _save(subject.mimics.astype(np.uint8), subject.affine, folder / item["mimic_map"])
+        item["mimics"] = f"{sid}_mimics.csv"
+        with open(folder / item["mimics"], "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=MIMIC_FIELDS)
+            w.writeheader()
+            for row in subject.mimic_rows:
+                w.writerow({k: row[k] for k in MIMIC_FIELDS})
+        item["mimic_counts"] = {t: sum(r["type"] == t for r in subject.mimic_rows) for t in MIMIC_TYPES}
     return item
 
 
@@ -100,6 +119,22 @@ def _counts(preset: str, overrides: Mapping[str, int | None]) -> dict[str, int]:
     return counts
 
 
+def planned_lesions(preset: str, seed: int = 0, **split_counts: int | None) -> dict[str, list[int]] | None:
+    """Planned CMB counts of the pathological subjects of each split (plan order) for a realism preset
+    (``benchmark``), ``None`` for presets whose counts are drawn per subject (``default``, ``paper``).
+
+    Cheap (no simulation): the counts a cohort of this preset, seed and split counts is generated with. A
+    lesion that cannot be placed is dropped, so the ``n_lesions`` of the datalist items can only fall below.
+    """
+    counts = _counts(preset, split_counts)
+    if preset not in REALISM_PRESETS:
+        return None
+    cfg = REALISM_PRESETS[preset]
+    return {split: plan_lesion_counts(int(seed), split, counts[f"n_{short}_pathological"], cfg["min_mean_lesions"],
+                                      maximum=int(DEFAULT_OPTIONS["max_lesions"]))
+            for split, short in SPLITS}
+
+
 def generate_cohort(
     output_dir: str | os.PathLike,
     preset: str = "default",
@@ -113,12 +148,14 @@ def generate_cohort(
 
     Args:
         output_dir: the cohort folder; built in a temporary sibling and moved into place when complete.
-        preset: ``"default"`` (12 + 6 training, 3 + 2 validation, 8 test; about a minute) or ``"paper"``
-            (the paper's 46 + 14 / 11 + 4 / 10 split).
+        preset: ``"default"`` (12 + 6 training, 3 + 2 validation, 8 test; about a minute), ``"paper"``
+            (the paper's 46 + 14 / 11 + 4 / 10 split) or ``"benchmark"`` (12 + 6 / 10 + 3 / 40, two sites,
+            harder lesions and mimics, planned lesion counts: ``benchmark.py``; items also get ``site``,
+            ``mimic_map``, ``mimics`` and ``mimic_counts``).
         seed: cohort seed; subject ``n`` uses ``SeedSequence(seed).spawn`` child ``n``: same seed, same bytes.
         overwrite: replace a non-empty ``output_dir``.
         workers: processes for simulation (1 = in this process).
-        options: phantom options (see ``cmb_synthesis.phantom.subject.DEFAULT_OPTIONS``).
+        options: phantom options (``subject.DEFAULT_OPTIONS`` / ``REALISM_OPTIONS``), over the preset's.
         split_counts: ``n_train_pathological`` ... ``n_test_healthy`` overriding the preset.
 
     Raises:
@@ -139,13 +176,24 @@ def generate_cohort(
     if not os.access(parent, os.W_OK):
         raise PermissionError(f"{out}: parent folder {parent} is not writable")
     plan = []
-    for split, short in (("training", "train"), ("validation", "val"), ("test", "test")):
+    for split, short in SPLITS:
         for group in ("pathological", "healthy"):
             for _ in range(counts[f"n_{short}_{group}"]):
                 plan.append((split, group))
     children = np.random.SeedSequence(int(seed)).spawn(len(plan))
+    subject_options = [options] * len(plan)
+    realism = REALISM_PRESETS.get(preset)
+    if realism is not None:
+        lesion_plan = {k: list(v) for k, v in planned_lesions(preset, seed, **counts).items()}
+        sites = {(split, group): iter(assign_sites(counts[f"n_{short}_{group}"], sorted(realism["sites"])))
+                 for split, short in SPLITS for group in ("pathological", "healthy")}
+        subject_options = []
+        for split, group in plan:
+            planned = {"n_lesions": lesion_plan[split].pop(0)} if group == "pathological" else {}
+            subject_options.append({**realism["options"], **site_options(next(sites[split, group]), realism["sites"]),
+                                    **planned, **options})
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        jobs = [(children[n], group == "pathological", f"sub-{n:03d}_{group[0].upper()}", str(tmp), options)
+        jobs = [(children[n], group == "pathological", f"sub-{n:03d}_{group[0].upper()}", str(tmp), subject_options[n])
                 for n, (_, group) in enumerate(plan)]
         if int(workers) > 1:
             with ProcessPoolExecutor(int(workers)) as pool:
@@ -167,6 +215,13 @@ def generate_cohort(
         meta = {"format_version": FORMAT_VERSION, "preset": preset, "seed": int(seed), "counts": counts,
                 "options": {**DEFAULT_OPTIONS, **options},
                 "lesions_per_split": {s: int(sum(i["n_lesions"] for i in datalist[s])) for s in ("training", "validation", "test")}}
+        if realism is not None:
+            meta["options"] = {**DEFAULT_OPTIONS, **REALISM_OPTIONS, **realism["options"], **options}
+            meta["sites"] = realism["sites"]
+            meta["lesions_planned_per_split"] = {s: sum(v) for s, v in planned_lesions(preset, seed, **counts).items()}
+            meta["mimic_codes"] = MIMIC_CODES
+            meta["mimics_per_split"] = {s: {t: int(sum(i["mimic_counts"][t] for i in datalist[s])) for t in MIMIC_TYPES}
+                                        for s, _ in SPLITS}
         with open(tmp / "cohort.json", "w") as f:
             json.dump(meta, f, indent=2, default=list)
     return out / "datalist.json"

@@ -4,7 +4,10 @@ Each training item is one CycleGAN step's worth of patches (every tensor (1, X, 
 
 - ``x_h``, ``y_hp``, ``brainmask_h``: a healthy patch and a semi-random pathology mask drawn by
   :class:`transforms.lesion_mask.RandLesionMaskd` from the training lesion bank; the crop is centred on a
-  sampled lesion (``RandCropByPosNegLabeld``, pos only) so every patch has something to paint.
+  random voxel of the sampled lesions (``RandCropByPosNegLabeld``, pos only), the centre shifted inwards where
+  the patch would leave the volume, so the voxel stays inside the patch and every patch has something to
+  paint. When the patch spans the whole axial plane (the paper's 160 x 146 x 32 on 160 x 146 scans) only z
+  varies: the 32 slices around a sampled lesion.
 - ``x_p``, ``y_p``, ``brainmask_p``: a pathological patch with its own lesion mask; lesion-containing crops are
   oversampled (``pos : neg`` = ``pos_ratio : 1``).
 - ``x_p2``, ``y_p2``: an independent pathological patch (another random scan and crop) and its mask, the critic ``D_P``'s real sample.
@@ -12,6 +15,11 @@ Each training item is one CycleGAN step's worth of patches (every tensor (1, X, 
 Volumes are preprocessed once (``transforms.pipelines.preprocessing``: load, RAS, checks, brain-mask
 percentile clip [0, 99.5] and rescale to [0, 1]) and cached in memory by MONAI ``CacheDataset``; only the
 random mask sampling and cropping run per step.
+
+Random streams: :class:`CycleGANPatchDataset` seeds its nested random transforms from its own seed, so a
+``set_random_state`` (MONAI's ``DataLoader`` and its per-worker ``worker_init_fn``, ``EpochReseed``) reseeds the
+whole pipeline, and each ``DataLoader`` worker draws its own stream (seeded from ``torch.initial_seed()`` of the
+worker, itself drawn from the main process's torch generator: reproducible with a fixed seed).
 """
 
 from __future__ import annotations
@@ -23,7 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 from monai.data import CacheDataset
-from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, Lambdad, Randomizable, RandCropByPosNegLabeld, RandWeightedCropd
+from monai.data.utils import set_rnd
+from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, Lambdad, Randomizable, RandCropByPosNegLabeld
+from monai.utils import MAX_SEED
 
 from cmb_synthesis.data.datalist import load_groups, load_split, split_groups
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
@@ -60,14 +70,18 @@ def _preprocessing(items: Sequence[dict] = ()) -> Compose:
     return preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",), extra_keys=extra)
 
 
-def _crop(patch_size: Sequence[int], pos: float, neg: float, indices: bool = False) -> RandCropByPosNegLabeld:
+def _crop(
+    patch_size: Sequence[int], pos: float, neg: float, indices: bool = False, num_samples: int = 1
+) -> RandCropByPosNegLabeld:
+    """Crops centred on a lesion voxel (odds ``pos``) or a brain voxel (odds ``neg``); MONAI moves a centre
+    inwards where the patch would leave the volume, so the chosen voxel is always inside the patch."""
     return RandCropByPosNegLabeld(
         keys=("image", "label", "brainmask"),
         label_key="label",
         spatial_size=tuple(int(s) for s in patch_size),
         pos=pos,
         neg=neg,
-        num_samples=1,
+        num_samples=int(num_samples),
         image_key="brainmask",
         image_threshold=0,
         fg_indices_key="label_fg_indices" if indices else None,
@@ -81,27 +95,22 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x.as_tensor() if hasattr(x, "as_tensor") else x)
 
 
-def _lesion_weight(label: Any) -> Any:
-    return (label > 0).float()
-
-
 def healthy_patch_transforms(
     bank: Any, patch_size: Sequence[int], n_lesions: int | None = None, crops_per_mask: int = 1
 ) -> Compose:
-    """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches
-    each centred on a random lesion voxel (``RandWeightedCropd`` on the binary mask; one mask sample serves
-    several crops because sampling is the costly step). Returns a list of ``crops_per_mask`` dicts."""
+    """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches,
+    each centred on a random voxel of the sampled lesions (one mask sample serves several crops because
+    sampling is the costly step). Returns a list of ``crops_per_mask`` dicts.
+
+    The centre is shifted inwards where the patch would leave the volume, so the chosen lesion voxel is inside
+    every patch (a weighted crop restricted to fully-inside centres would degenerate to a uniform draw when
+    the patch spans a whole axis, as the paper's 160 x 146 x 32 does on 160 x 146 planes).
+    """
     return Compose(
         [
             RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions),
-            Lambdad(keys="label", func=_lesion_weight, overwrite="weight"),
             DeleteItemsd(keys="tissue"),  # not needed any more; uncropped items would be copied per crop
-            RandWeightedCropd(
-                keys=("image", "label", "brainmask", "weight"),
-                w_key="weight",
-                spatial_size=tuple(int(s) for s in patch_size),
-                num_samples=int(crops_per_mask),
-            ),
+            _crop(patch_size, pos=1.0, neg=0.0, num_samples=crops_per_mask),
         ]
     )
 
@@ -123,6 +132,12 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
     Each item draws its healthy patch from a buffer refilled from a random healthy volume (one sampled mask
     gives several crops), and two pathological volumes at random (``x_p`` and the independent ``x_p2``).
     ``length`` sets the epoch size (default ``max(n_h, n_p)``).
+
+    Random state: :meth:`set_random_state` also reseeds the random transforms of ``healthy`` and
+    ``pathological`` (MONAI's ``set_rnd`` stops at this object, being ``Randomizable`` itself) and empties the
+    healthy buffer, so the items after a reseed depend on the seed only. Inside a ``DataLoader`` worker that
+    was not reseeded by a ``worker_init_fn`` (a plain torch ``DataLoader``), the first item reseeds from the
+    worker's ``torch.initial_seed()``: workers never repeat each other's draws.
     """
 
     def __init__(self, healthy: torch.utils.data.Dataset, pathological: torch.utils.data.Dataset, length: int | None = None, seed: int = 0):
@@ -131,7 +146,18 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
         self.healthy, self.pathological = healthy, pathological
         self.length = int(length) if length else max(len(healthy), len(pathological))
         self._buffer: list[dict] = []
+        self._worker_seeded: tuple[int, int] | None = None  # (worker id, seed) of the reseed in this worker
         self.set_random_state(seed)
+
+    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None) -> CycleGANPatchDataset:
+        """Seed this dataset and, from its stream, the nested random transforms; empty the healthy buffer."""
+        super().set_random_state(seed=seed, state=state)
+        set_rnd(self.healthy, int(self.R.randint(MAX_SEED)))  # each its own seed from this object's stream
+        set_rnd(self.pathological, int(self.R.randint(MAX_SEED)))
+        self._buffer = []
+        info = torch.utils.data.get_worker_info()
+        self._worker_seeded = None if info is None else (info.id, info.seed)
+        return self
 
     def __len__(self) -> int:
         return self.length
@@ -147,6 +173,9 @@ class CycleGANPatchDataset(torch.utils.data.Dataset, Randomizable):
         return self._buffer.pop()
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        info = torch.utils.data.get_worker_info()
+        if info is not None and self._worker_seeded != (info.id, info.seed):
+            self.set_random_state(seed=info.seed % MAX_SEED)  # a worker without MONAI's worker_init_fn
         self.randomize()
         h = self._healthy_patch()
         p = _first(self.pathological[self._j])

@@ -27,6 +27,7 @@ from monai.networks.utils import eval_mode, train_mode
 from monai.utils.enums import ForwardMode
 
 from cmb_synthesis.synthesis.metrics import synthesis_stats
+from cmb_synthesis.synthesis.realism import batch_measurements
 
 __all__ = ["CycleGANTrainer", "SynthesisEvaluator", "prepare_cycle_batch", "loss_output", "BATCH_KEYS"]
 
@@ -223,7 +224,10 @@ class SynthesisEvaluator(Evaluator):
     patches with their masks, and outputs :func:`~cmb_synthesis.synthesis.metrics.synthesis_stats` sums that
     :class:`~cmb_synthesis.synthesis.metrics.SynthesisMetric` metrics turn into identity / fidelity / removal.
 
-    Batches carry ``x_h``, ``y_hp``, ``brainmask_h``, ``x_p``, ``y_p``, ``brainmask_p`` (no ``x_p2``).
+    Batches carry ``x_h``, ``y_hp``, ``brainmask_h``, ``x_p``, ``y_p``, ``brainmask_p`` (no ``x_p2``). With
+    ``realism`` the output also holds ``realism``: per-lesion radial profiles and patches of the painted and
+    the real lesions (:func:`~cmb_synthesis.synthesis.realism.batch_measurements`) for
+    :class:`~cmb_synthesis.synthesis.realism.RealismMetric`.
     """
 
     def __init__(
@@ -243,6 +247,7 @@ class SynthesisEvaluator(Evaluator):
         amp_dtype: torch.dtype | str = torch.bfloat16,
         shell: int = 2,
         margin: int = 2,
+        realism: bool = True,
     ) -> None:
         kwargs = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
@@ -261,7 +266,7 @@ class SynthesisEvaluator(Evaluator):
         )
         self.G_HP, self.G_PH = G_HP, G_PH
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
-        self.shell, self.margin = shell, margin
+        self.shell, self.margin, self.realism = shell, margin, bool(realism)
 
     def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
         b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -273,7 +278,13 @@ class SynthesisEvaluator(Evaluator):
         with eval_mode(self.G_HP, self.G_PH), ctx:
             fake_p = self.G_HP(b["x_h"], b["y_hp"]).float()
             fake_h = self.G_PH(b["x_p"], b["y_p"]).float()
-        return synthesis_stats(
+        out: dict[str, Any] = synthesis_stats(
             b["x_h"], b["y_hp"], fake_p, b["x_p"], b["y_p"], fake_h,
             b.get("brainmask_h"), b.get("brainmask_p"), shell=self.shell, margin=self.margin,
         )  # fmt: skip
+        if self.realism:
+            out["realism"] = {
+                "synthetic": batch_measurements(fake_p, b["y_hp"], b.get("brainmask_h")),
+                "real": batch_measurements(b["x_p"], b["y_p"], b.get("brainmask_p")),
+            }
+        return out

@@ -18,15 +18,35 @@ measurement window leaves the patch are skipped. Inputs are single patches (X, Y
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from ignite.metrics import Metric
 from scipy import ndimage
 
-__all__ = ["PROFILE_RADII", "lesion_measurements", "profile_summary", "two_sample_auc", "realism_report"]
+from cmb_synthesis.data.datalist import load_split, split_groups
+from cmb_synthesis.data.io import PathLike
+from transforms.pipelines import preprocessing
+
+__all__ = [
+    "PROFILE_RADII",
+    "REALISM_METRICS",
+    "lesion_measurements",
+    "batch_measurements",
+    "reference_lesions",
+    "profile_summary",
+    "two_sample_auc",
+    "realism_report",
+    "RealismMetric",
+]
 
 PROFILE_RADII = (0, 1, 2, 3, 4)
+# what RealismMetric can report (the profiles at each radius of PROFILE_RADII, real and synthetic)
+REALISM_METRICS = (
+    "realism_auc", "profile_error", "centre_ratio",
+    *(f"profile_real_{d}" for d in PROFILE_RADII), *(f"profile_synthetic_{d}" for d in PROFILE_RADII),
+)  # fmt: skip
 
 
 def _np3(x: Any) -> np.ndarray:
@@ -153,3 +173,75 @@ def realism_report(
     width = max([np.asarray(p).shape[1] for p in list(real_patches) + list(synthetic_patches) if len(p)] or [1])
     out["realism_auc"] = two_sample_auc(cat(real_patches, width), cat(synthetic_patches, width), seed=seed)
     return out
+
+
+def batch_measurements(images: Any, masks: Any, brainmasks: Any | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`lesion_measurements` of every sample of a (B, 1, X, Y, Z) batch, concatenated."""
+    profs, pats = [], []
+    for i in range(len(images)):
+        p, q = lesion_measurements(images[i], masks[i], None if brainmasks is None else brainmasks[i])
+        profs.append(p)
+        pats.append(q)
+    return np.concatenate(profs), np.concatenate(pats)
+
+
+def reference_lesions(datalist: PathLike, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """Measurements of every real lesion of the pathological scans of ``split``, on whole volumes preprocessed
+    as in training (each lesion counted once; the fixed reference of :class:`RealismMetric`).
+
+    Returns ``(profiles (L, 5), patches (L, 343))``; empty arrays when the split has no lesion.
+    """
+    _, patho = split_groups(load_split(datalist, split))
+    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    profs, pats = [np.zeros((0, len(PROFILE_RADII)))], [np.zeros((0, 343), np.float32)]
+    for item in patho:
+        if not item.get("label") or not item.get("brainmask"):
+            continue
+        d = pre({k: item[k] for k in ("image", "brainmask", "label")})
+        p, q = lesion_measurements(d["image"], d["label"], d["brainmask"])
+        profs.append(p)
+        pats.append(q)
+    return np.concatenate(profs), np.concatenate(pats)
+
+
+class RealismMetric(Metric):
+    """Ignite metric of the synthesis evaluator: one of :data:`REALISM_METRICS` over a validation round.
+
+    The evaluator's output carries ``realism`` = ``{"synthetic": (profiles, patches), "real": (profiles,
+    patches)}`` per batch (lesions painted by ``G_HP`` on the healthy patches, and the real lesions of the
+    pathological patches). The synthetic lesions are compared with ``reference`` (``(profiles, patches)`` of
+    fixed real lesions, e.g. :func:`reference_lesions` of the validation split) or, when None, with the real
+    lesions seen in the patches. ``realism_auc`` is the classifier two-sample test (``seed`` fixed, so a round
+    is reproducible). Under DDP every rank evaluates the whole validation set, so no gathering is needed.
+    """
+
+    def __init__(self, name: str = "realism_auc", reference: tuple[np.ndarray, np.ndarray] | None = None,
+                 seed: int = 0, output_transform: Callable = lambda x: x, device: str = "cpu") -> None:
+        if name not in REALISM_METRICS:
+            raise ValueError(f"unknown realism metric {name!r}; choose from {REALISM_METRICS}")
+        self.metric_name, self.reference, self.seed = name, reference, int(seed)
+        super().__init__(output_transform=output_transform, device=device)
+
+    def reset(self) -> None:
+        self._parts: dict[str, list[list[np.ndarray]]] = {"real": [[], []], "synthetic": [[], []]}
+
+    def update(self, output: Mapping[str, Any]) -> None:
+        for kind in ("real", "synthetic"):
+            profiles, patches = output["realism"][kind]
+            self._parts[kind][0].append(np.asarray(profiles))
+            self._parts[kind][1].append(np.asarray(patches))
+
+    def iteration_completed(self, engine: Any) -> None:
+        self.update(self._output_transform(engine.state.output))
+
+    def compute(self) -> float:
+        real_p, real_x = ([self.reference[0]], [self.reference[1]]) if self.reference is not None else self._parts["real"]
+        syn_p, syn_x = self._parts["synthetic"]
+        if self.metric_name == "realism_auc":
+            return realism_report(real_p, syn_p, real_x, syn_x, seed=self.seed)["realism_auc"]
+        rep = realism_report(real_p, syn_p, [], [], seed=self.seed)
+        if self.metric_name.startswith("profile_real_"):
+            return float(rep["profile_real"][int(self.metric_name.rsplit("_", 1)[1])])
+        if self.metric_name.startswith("profile_synthetic_"):
+            return float(rep["profile_synthetic"][int(self.metric_name.rsplit("_", 1)[1])])
+        return float(rep[self.metric_name])

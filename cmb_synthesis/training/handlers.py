@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.handlers import EMAHandler
 
 from cmb_synthesis.data.io import atomic_output, write_json
 from cmb_synthesis.training.resume import latest_checkpoint
 
-__all__ = ["NonFiniteLossGuard", "SynthesisImageGrid", "ExportNetworks", "MetricsJSONWriter"]
+__all__ = ["NonFiniteLossGuard", "SynthesisImageGrid", "ExportNetworks", "MetricsJSONWriter", "NetworkEMA"]
 
 class NonFiniteLossGuard:
     """Stop training when any numeric value in ``engine.state.output`` is NaN or Inf.
@@ -146,3 +147,34 @@ class MetricsJSONWriter:
         record["elapsed_s"] = round(time.time() - self._t0, 1)
         self.history.append(record)
         write_json({**record, **self.extra, "history": self.history}, self.path)
+
+
+class NetworkEMA:
+    """Exponential moving averages of several networks (Ignite's :class:`~ignite.handlers.EMAHandler`, one per
+    network, attached under distinct state names ``ema_momentum_<name>``).
+
+    ``ema[name]`` is the averaged copy of network ``name`` (``theta_ema <- (1 - m) theta_ema + m theta`` after
+    every iteration), for evaluation and export: it smooths the iteration-to-iteration swings of adversarial
+    training. Put the copies in the checkpoint's ``save_dict`` so that a resumed run continues the averages.
+
+    Args:
+        networks: ``{name: network}``, e.g. ``{"G_HP": G_HP, "G_PH": G_PH}``.
+        momentum: ``m`` per iteration (0.01: an average over about the last 100 iterations).
+        warmup_iters: iterations over which ``m`` falls from 1 to ``momentum`` (early weights are forgotten).
+    """
+
+    def __init__(self, networks: Mapping[str, torch.nn.Module], momentum: float = 0.01, warmup_iters: int | None = 100):
+        if not 0.0 < float(momentum) < 1.0:
+            raise ValueError(f"NetworkEMA: momentum must be in (0, 1), got {momentum}")
+        warm = int(warmup_iters) if warmup_iters else None
+        self.handlers = {
+            name: EMAHandler(net, momentum=float(momentum), momentum_warmup=0.99 if warm else None, warmup_iters=warm)
+            for name, net in networks.items()
+        }
+
+    def __getitem__(self, name: str) -> torch.nn.Module:
+        return self.handlers[name].ema_model
+
+    def attach(self, engine: Engine) -> None:
+        for name, h in self.handlers.items():
+            h.attach(engine, name=f"ema_momentum_{name}")
