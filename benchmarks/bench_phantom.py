@@ -1,6 +1,6 @@
 """Phantom generation speed and memory: seconds and peak RSS per subject on one core.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--preset default|benchmark] [--out results.json]
+    OMP_NUM_THREADS=1 python benchmarks/bench_phantom.py [--subjects 4] [--preset default|benchmark] [--out R.json]
 
 Target: at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
 process) is timed separately. ``--preset benchmark`` simulates with the benchmark preset's options, the

@@ -80,8 +80,8 @@ def _panel(ax, sub: Subject, centre, title: str, mimic: str | None = None, half:
 
 
 def _lesion_contrast(sub: Subject) -> list[tuple[float, dict[str, str]]]:
-    """(mean label intensity / local background, row) per lesion; background = 2-4 voxel ring without veins,
-    labels or mimics."""
+    """(intensity ratio, row) per lesion: mean label intensity / mean of a 2-4 voxel ring around it without
+    veins, labels or mimics (1 = invisible)."""
     swi, lab = sub["image"].astype(np.float64), sub["label"]
     clean = (sub["veins"] == 0) & (lab == 0) & (sub["mimic_map"] == 0)
     out = []
@@ -96,9 +96,13 @@ def _lesion_contrast(sub: Subject) -> list[tuple[float, dict[str, str]]]:
     return out
 
 
-def _first_row(subjects: list[Subject], kind: str, pick=None):
+def _first_row(subjects: list[Subject], kind: str, pick=None, in_wm: bool = False):
+    """The first subject with a mimic of ``kind`` and its centre (``pick`` chooses among the subject's rows;
+    ``in_wm``: only mimics centred in white matter)."""
     for sub in subjects:
         rows = [r for r in sub.rows("mimics") if r["type"] == kind]
+        if in_wm:
+            rows = [r for r in rows if sub["tissue"][int(r["i"]), int(r["j"]), int(r["k"])] == 3]
         if rows:
             r = pick(rows) if pick else rows[0]
             return sub, (int(r["i"]), int(r["j"]), int(r["k"]))
@@ -115,7 +119,7 @@ def benchmark_montage(datalist: Path, out_png: Path) -> None:
     ax = iter(axes.flat)
     for c, r, s in sorted(small, key=lambda t: t[0])[:2]:
         _panel(next(ax), s, (int(r["i"]), int(r["j"]), int(r["k"])), f"small CMB {float(r['diameter_mm']):.1f} mm, "
-               f"contrast {c:.2f}")
+               f"intensity ratio {c:.2f}")
     mid = [t for t in contrasts if 3.5 <= float(t[1]["diameter_mm"]) <= 5.0]
     if mid:
         c, r, s = min(mid, key=lambda t: t[0])
@@ -123,14 +127,18 @@ def benchmark_montage(datalist: Path, out_png: Path) -> None:
                f"blooming beyond the label, {float(r['diameter_mm']):.1f} mm")
     c, r, s = max(contrasts, key=lambda t: t[0])
     _panel(next(ax), s, (int(r["i"]), int(r["j"]), int(r["k"])),
-           f"faint CMB {float(r['diameter_mm']):.1f} mm, contrast {c:.2f}")
+           f"faint CMB {float(r['diameter_mm']):.1f} mm, intensity ratio {c:.2f}")
     titles = {"cross_section_vessel": "vessel in cross-section", "vessel_bifurcation": "vein bifurcation (minIP 7)",
               "basal_ganglia_mineralisation": "basal-ganglia mineralisation",
-              "choroid_plexus_calcification": "choroid-plexus calcification", "pineal_calcification": "pineal calcification",
+              "choroid_plexus_calcification": "choroid-plexus calcification",
+              "pineal_calcification": "pineal calcification",
               "flow_void": "flow voids (ICA, basilar)", "air_bone_artefact": "air-bone artefact (64 x 64)"}
     for kind in MIMIC_TYPES:
-        pick = (lambda rows: min(rows, key=lambda r: int(r["k"]))) if kind in ("flow_void", "air_bone_artefact") else None
-        sub, centre = _first_row(subjects, kind, pick)
+        if kind in ("flow_void", "air_bone_artefact"):       # the lowest: ICA / basilar, the frontal base
+            pick = lambda rows: min(rows, key=lambda r: int(r["k"]))  # noqa: E731
+        else:                                                # the largest
+            pick = lambda rows: max(rows, key=lambda r: float(r["size_mm"]))  # noqa: E731
+        sub, centre = _first_row(subjects, kind, pick, in_wm=kind in ("vessel_bifurcation", "cross_section_vessel"))
         if sub is None:
             continue
         _panel(next(ax), sub, centre, titles[kind], kind, half=32 if kind == "air_bone_artefact" else 20,
@@ -150,7 +158,8 @@ def benchmark_montage(datalist: Path, out_png: Path) -> None:
         a.axis("off")
     for a in ax:
         a.axis("off")
-    fig.suptitle("benchmark phantom: CMBs (red) and mimics (outlined by type), axial 40 x 40 voxel close-ups")
+    fig.suptitle("benchmark phantom: CMBs (red) and mimics (outlined by type), axial 40 x 40 voxel close-ups; "
+                 "intensity ratio = label mean / surrounding tissue")
     fig.tight_layout()
     with atomic_output(out_png) as tmp:
         fig.savefig(tmp, dpi=80, format="png")
@@ -191,11 +200,12 @@ def benchmark_stats(datalist: Path) -> dict[str, Any]:
                 out["sites"].setdefault(it["site"], []).append(_site_snr(sub))
     d, c = np.array(diam), np.array(contrast)
     out["lesions"] = {"n": len(d), "diameter_median_mm": float(np.median(d)),
-                      "fraction_2_3_mm": float(((d >= 2) & (d <= 3)).mean()), "fraction_under_2_mm": float((d < 2).mean()),
+                      "fraction_2_3_mm": float(((d >= 2) & (d <= 3)).mean()),
+                      "fraction_under_2_mm": float((d < 2).mean()),
                       "fraction_under_5_mm": float((d < 5).mean()),
                       "contrast_median": float(np.median(c)), "contrast_p10_p90": [float(np.percentile(c, 10)),
                                                                                   float(np.percentile(c, 90))],
-                      "fraction_faint_contrast_over_0.7": float((c > 0.7).mean())}
+                      "fraction_intensity_ratio_over_0.8": float((c > 0.8).mean())}
     cohort = json.loads((folder / "cohort.json").read_text())
     out["sites"] = {s: {"measured_snr_mean": float(np.mean(v)), "n_subjects_measured": len(v), **cohort["sites"][s]}
                     for s, v in sorted(out["sites"].items())}

@@ -66,7 +66,6 @@ def montage(datalist: Path, out_png: Path) -> None:
     lab = _load(f, it["label"])
     veins = _load(f, it["veins"]) > 0
     lo, hi = np.percentile(swi[swi > 0], [0.5, 99.5])
-    z_lesions = np.unique(np.nonzero(lab)[2])
     nz = swi.shape[2]
     slices = [int(nz * q) for q in (0.3, 0.45, 0.6, 0.75)]
     fig, axes = plt.subplots(2, 4, figsize=(16, 8.5))

@@ -17,6 +17,7 @@ from nibabel.orientations import aff2axcodes, axcodes2ornt, io_orientation, ornt
 
 from cmb_synthesis.data import __main__ as external_cli
 from cmb_synthesis.data import scans as external
+from dicom_writer import write_dicom_series
 
 ANISO_SPACING = (0.98, 0.98, 3.0)
 
@@ -177,41 +178,8 @@ def test_anisotropic_nifti_processed_at_model_spacing_and_written_back(subject, 
 
 def _write_dicom_series(volume: np.ndarray, affine_ras: np.ndarray, folder: Path) -> None:
     """Write a (X, Y, Z) int16 volume as an MR DICOM series (one file per slice) with ITK/GDCM."""
-    import itk
-
-    folder.mkdir(parents=True)
-    lps = np.diag([-1.0, -1.0, 1.0]) @ affine_ras[:3]  # RAS -> LPS patient coordinates
-    spacing = np.sqrt((lps[:, :3] ** 2).sum(axis=0))
-    direction = lps[:, :3] / spacing
-    origin = lps[:, 3]
-    img = itk.image_from_array(np.ascontiguousarray(volume.transpose(2, 1, 0)))  # ITK arrays are (z, y, x)
-    img.SetSpacing([float(s) for s in spacing])
-    img.SetOrigin([float(o) for o in origin])
-    img.SetDirection(itk.matrix_from_array(np.ascontiguousarray(direction)))
-    dicts = itk.vector[itk.MetaDataDictionary]()
-    keep = []  # the vector holds raw pointers: keep the dictionaries alive until the write is done
-    series_uid = "1.2.826.0.1.3680043.8.498.77001"
-    names = []
-    for k in range(volume.shape[2]):
-        md = itk.MetaDataDictionary()
-        pos = origin + direction[:, 2] * spacing[2] * k
-        md["0008|0060"] = "MR"
-        md["0008|103e"] = "SWI phantom"
-        md["0020|000d"] = "1.2.826.0.1.3680043.8.498.77000"
-        md["0020|000e"] = series_uid
-        md["0020|0013"] = str(k + 1)
-        md["0020|0032"] = "\\".join(f"{v:.6f}" for v in pos)
-        md["0020|0037"] = "\\".join(f"{v:.6f}" for v in (*direction[:, 0], *direction[:, 1]))
-        md["0028|0030"] = f"{spacing[1]:.6f}\\{spacing[0]:.6f}"
-        md["0018|0050"] = f"{spacing[2]:.6f}"
-        keep.append(md)
-        dicts.push_back(md)
-        names.append(str(folder / f"IM{k + 1:04d}.dcm"))
-    io = itk.GDCMImageIO.New()
-    io.KeepOriginalUIDOn()
-    writer = itk.ImageSeriesWriter[type(img), itk.Image[itk.SS, 2]].New(Input=img, ImageIO=io, FileNames=names)
-    writer.SetMetaDataDictionaryArray(dicts)
-    writer.Update()
+    assert not folder.exists()
+    write_dicom_series(volume, folder, affine_ras=affine_ras)
 
 
 def test_dicom_series_from_phantom(subject, tmp_path):

@@ -211,23 +211,25 @@ def test_benchmark_lesion_sizes_and_contrast_spread():
     from cmb_synthesis.phantom.lesions import sample_benchmark_specs
 
     specs = sample_benchmark_specs(np.random.default_rng(0), 4000)
-    d = np.array([s.diameter_mm for s in specs])
-    depth = np.array([s.depth for s in specs])
     bloom = np.array([s.bloom for s in specs])
-    assert ((d >= 2) & (d <= 3)).mean() > 0.35 and np.median(d) < 3.0 and d.max() <= 10.0
-    assert 0.2 < (depth < 0.4).mean() < 0.4 and depth.min() >= 0.2       # some faint
+    d = np.array([s.diameter_mm for s in specs]) * bloom        # apparent (labelled) diameter
+    depth = np.array([s.depth for s in specs])
+    assert ((d >= 2) & (d <= 3)).mean() > 0.4 and np.median(d) < 3.0 and d.min() >= 2.0 - 1e-9 and d.max() <= 9.5
+    assert 0.15 < (depth < 0.45).mean() < 0.35 and depth.min() >= 0.25       # some faint
     assert bloom.min() >= 1.1 and bloom.max() <= 1.7
 
 
 def test_blooming_profile_reaches_beyond_the_label_with_partial_volume():
-    from cmb_synthesis.phantom.lesions import LesionSpec, _blooming_profile, _rho
+    from cmb_synthesis.phantom.lesions import LABEL_RHO, LesionSpec, _blooming_profile, _rho
 
     spacing, reach, frac, rot = np.array(SPACING), 6, np.array([0.2, -0.1, 0.3]), np.eye(3)
     spec = LesionSpec(diameter_mm=2.5, elongation=1.0, depth=0.5, bloom=1.6)
     prof = _blooming_profile(spec, rot, spacing, reach, frac)
     rho = _rho(spec, rot, spacing, reach, frac)
     assert prof.max() == pytest.approx(1.0) and prof.min() == 0.0
-    assert (prof[rho <= 1.0] > 0.95).all()                           # the labelled core is fully dark
+    assert (prof[rho <= 1.0] > 0.95).all()                           # the deposit is fully dark
+    edge_of_label = np.abs(rho - LABEL_RHO * spec.bloom) < 0.05       # the label boundary: about half-maximum
+    assert 0.3 < prof[edge_of_label].mean() < 0.7
     assert (prof[(rho > 1.5) & (rho < 1.7)] > 0.2).all()             # blooming: dark beyond the label
     edge = prof[(prof > 0) & (prof < 1)]
     assert len(edge) > 20 and len(np.unique(np.round(edge, 3))) > 10  # graded partial volume, not binary
@@ -264,6 +266,10 @@ def test_benchmark_cohort_sites_planned_lesions_and_unlabelled_mimics(bench_coho
         assert {t: sum(r["type"] == t for r in rows) for t in MIMIC_TYPES} == it["mimic_counts"]
         for t in MIMIC_TYPES:
             totals[t] += it["mimic_counts"][t]
+        for r in csv.DictReader(open(Path(bench_cohort).parent / it["lesions"])):
+            assert lab[int(r["i"]), int(r["j"]), int(r["k"])] == int(r["label"])
+            assert float(r["diameter_mm"]) > float(r["deposit_diameter_mm"])      # labelled as seen: bloomed
+            assert 1.1 <= float(r["bloom"]) <= 1.7 and 0.25 <= float(r["contrast"]) <= 0.8
         # mimics are never labelled, nor touching a label
         assert not (ndimage.binary_dilation(code > 0) & (lab > 0)).any()
         for t in ("basal_ganglia_mineralisation", "pineal_calcification", "choroid_plexus_calcification", "flow_void"):
@@ -326,3 +332,6 @@ def test_cli_accepts_the_benchmark_preset(tmp_path):
     assert r.returncode == 2 and "does not exist" in r.stderr          # checked past the preset choice
     r = _cli("--output", str(tmp_path / "x"), "--preset", "hard")
     assert r.returncode == 2 and "invalid choice" in r.stderr
+    r = _cli("--output", str(tmp_path / "y"), "--preset", "benchmark", "--option", "fiant_fraction=0.3")
+    assert r.returncode == 2 and "fiant_fraction" in r.stderr and "faint_fraction" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -14,6 +14,7 @@ from cmb_synthesis.data.dicom import list_series
 from cmb_synthesis.data.geometry import canonical_spacing, check_spacing
 from cmb_synthesis.data.scans import read_image, to_canonical
 from cmb_synthesis.detection.inference import probability_map
+from dicom_writer import write_dicom_series
 
 UID_A = "1.2.826.0.1.3680043.8.498.91001"
 UID_B = "1.2.826.0.1.3680043.8.498.91002"
@@ -21,36 +22,8 @@ UID_B = "1.2.826.0.1.3680043.8.498.91002"
 
 def _write_series(volume: np.ndarray, folder: Path, uid: str, description: str, prefix: str = "IM",
                   spacing: tuple[float, float, float] = (0.9, 0.8, 1.5)) -> list[Path]:
-    """Write a (X, Y, Z) int16 volume as an axial MR DICOM series (one file per slice, LPS axes) with ITK/GDCM."""
-    import itk
-
-    folder.mkdir(parents=True, exist_ok=True)
-    img = itk.image_from_array(np.ascontiguousarray(volume.transpose(2, 1, 0)))  # ITK arrays are (z, y, x)
-    img.SetSpacing([float(s) for s in spacing])
-    origin = np.array([-10.0, -20.0, 5.0])
-    img.SetOrigin([float(o) for o in origin])
-    dicts = itk.vector[itk.MetaDataDictionary]()
-    keep, names = [], []  # the vector holds raw pointers: keep the dictionaries alive until the write is done
-    for k in range(volume.shape[2]):
-        md = itk.MetaDataDictionary()
-        md["0008|0060"] = "MR"
-        md["0008|103e"] = description
-        md["0020|000d"] = "1.2.826.0.1.3680043.8.498.91000"
-        md["0020|000e"] = uid
-        md["0020|0013"] = str(k + 1)
-        md["0020|0032"] = "\\".join(f"{v:.6f}" for v in origin + [0.0, 0.0, spacing[2] * k])
-        md["0020|0037"] = "1\\0\\0\\0\\1\\0"
-        md["0028|0030"] = f"{spacing[1]:.6f}\\{spacing[0]:.6f}"
-        md["0018|0050"] = f"{spacing[2]:.6f}"
-        keep.append(md)
-        dicts.push_back(md)
-        names.append(str(folder / f"{prefix}{k + 1:04d}.dcm"))
-    io = itk.GDCMImageIO.New()
-    io.KeepOriginalUIDOn()
-    writer = itk.ImageSeriesWriter[type(img), itk.Image[itk.SS, 2]].New(Input=img, ImageIO=io, FileNames=names)
-    writer.SetMetaDataDictionaryArray(dicts)
-    writer.Update()
-    return [Path(n) for n in names]
+    """An axial MR DICOM series (one file per slice, LPS axes) of a (X, Y, Z) int16 volume."""
+    return write_dicom_series(volume, folder, series_uid=uid, description=description, prefix=prefix, spacing=spacing)
 
 
 def _volume(seed: int, shape=(8, 9, 12)) -> np.ndarray:

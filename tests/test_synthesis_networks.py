@@ -127,3 +127,17 @@ def test_paper_preset_selects_the_paper_cohort(bundle, tmp_path, monkeypatch):
     for paper in (True, False):
         _paper_parser(bundle, tmp_path, paper=paper).get_parsed_content("datalist")
     assert calls == [(f"{tmp_path}/data/phantom_paper", "paper"), (f"{tmp_path}/data/phantom", "default")]
+
+
+def test_blurred_masks_feed_the_head_and_keep_an_untrained_generator_the_identity():
+    g = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(1.0, 2.0))
+    assert g.head.in_channels == 4 + 2 * 3  # features + (mask, mask * image) for the mask and 2 blurs
+    x = torch.rand(1, 1, 24, 24, 12)
+    m = torch.zeros_like(x)
+    m[..., 11:13, 11:13, 5:7] = 1
+    torch.testing.assert_close(g(x, m), x)  # zero head at initialisation
+    b = g._blurred(m, g._blur0)
+    assert b.sum().item() == pytest.approx(m.sum().item(), rel=1e-4)  # mass kept, spread beyond the mask
+    assert 0 < b[0, 0, 14, 12, 6] < b[0, 0, 12, 12, 6] < 1
+    with pytest.raises(ValueError, match="positive"):
+        CMBGenerator(channels=4, n_res_blocks=1, mask_blur=(0.0,))

@@ -1,15 +1,36 @@
 """``python -m cmb_synthesis.phantom --output DIR [--preset default|paper|benchmark] [--seed S] [--overwrite]``.
 
+``--option KEY=VALUE`` (repeatable) overrides a phantom option for every subject (``subject.DEFAULT_OPTIONS`` /
+``REALISM_OPTIONS``; VALUE is read as JSON, else as a string), e.g. ``--option faint_fraction=0.35`` or
+``--option 'snr=[15, 22]'`` when calibrating the ``benchmark`` preset (``docs/phantom.md``).
+
 Exit codes: 0 success, 2 bad input (message on stderr naming the problem and the path; nothing written).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 
 from cmb_synthesis.phantom.cohort import PRESETS, SPLIT_KEYS, generate_cohort
+from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, REALISM_OPTIONS
+
+
+def _options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> options (VALUE as JSON, else a string); unknown keys refused."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or key not in {**DEFAULT_OPTIONS, **REALISM_OPTIONS}:
+            raise ValueError(f"--option {pair!r}: expected KEY=VALUE with KEY one of "
+                             f"{sorted({**DEFAULT_OPTIONS, **REALISM_OPTIONS})}")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -19,6 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
+                   help="phantom option for every subject (JSON value), repeatable")
     for key in SPLIT_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
                        help=f"override the preset's {key[2:].replace('_', ' ')} count")
@@ -27,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         path = generate_cohort(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                               workers=args.workers, **counts)
+                               workers=args.workers, options=_options(args.option), **counts)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

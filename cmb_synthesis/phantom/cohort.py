@@ -14,7 +14,8 @@ from typing import Any
 import numpy as np
 
 from cmb_synthesis.data.io import atomic_directory
-from cmb_synthesis.phantom.benchmark import BENCHMARK_COUNTS, REALISM_PRESETS, assign_sites, plan_lesion_counts, site_options
+from cmb_synthesis.phantom.benchmark import (BENCHMARK_COUNTS, REALISM_PRESETS, assign_sites, plan_lesion_counts,
+                                             site_options)
 from cmb_synthesis.phantom.mimics import MIMIC_CODES, MIMIC_TYPES
 from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, REALISM_OPTIONS, simulate_subject
 

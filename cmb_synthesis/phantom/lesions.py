@@ -50,13 +50,14 @@ def sample_lesion_specs(rng: np.random.Generator, n: int) -> list[LesionSpec]:
 
 
 def sample_benchmark_specs(rng: np.random.Generator, n: int, faint_fraction: float = 0.25) -> list[LesionSpec]:
-    """Harder lesions. Deposit diameters log-normal (median 2.0 mm, 1.3 mm up to 9.5 mm / bloom), blooming
-    1.1-1.7, so the apparent (labelled) diameter ``bloom * diameter`` has a median of ~2.8 mm, ~40 % of
-    2-3 mm and ~85 % under 5 mm; ~30 % elongated (1.4-2.5); core darkening 0.25-0.45 (faint) for
-    ``faint_fraction`` of them, else 0.45-0.8."""
+    """Harder lesions. Deposit diameters log-normal (median 2.0 mm) within [2, 9.5] mm / bloom, blooming
+    1.1-1.7, so the apparent (labelled) diameter ``bloom * diameter`` lies in 2-9.5 mm with a median of
+    ~2.8 mm, ~50 % of 2-3 mm and ~90 % under 5 mm; 30 % of those of 3 mm or more elongated (1.4-2.5: the
+    linear shear lesions of TBI are not the smallest); core darkening 0.25-0.45 (faint) for ``faint_fraction``
+    of them, else 0.45-0.8."""
     bloom = rng.uniform(1.1, 1.7, n)
-    d = np.minimum(np.clip(np.exp(rng.normal(np.log(2.0), 0.38, n)), 1.3, 9.5), 9.5 / bloom)
-    elong = np.where(rng.random(n) < 0.3, rng.uniform(1.4, 2.5, n), 1.0)
+    d = np.clip(np.exp(rng.normal(np.log(2.0), 0.38, n)), 2.0 / bloom, 9.5 / bloom)
+    elong = np.where((rng.random(n) < 0.3) & (d * bloom >= 3.0), rng.uniform(1.4, 2.5, n), 1.0)
     faint = rng.random(n) < faint_fraction
     depth = np.where(faint, rng.uniform(0.25, 0.45, n), rng.uniform(0.45, 0.8, n))
     return [LesionSpec(float(a), float(b), float(c), float(e)) for a, b, c, e in zip(d, elong, depth, bloom)]

@@ -211,7 +211,7 @@ def artefact_field(
             s = np.asarray(sd) * rng.uniform(0.8, 1.25, 3)
             amp = float(min(0.9, rng.uniform(*depth) * scale))
             kvec = rng.normal(size=3)
-            kvec *= 2 * np.pi / (np.linalg.norm(kvec) * rng.uniform(5.0, 9.0))
+            kvec *= 2 * np.pi / (np.linalg.norm(kvec) * rng.uniform(8.0, 14.0))
             phase = rng.uniform(0, 2 * np.pi)
             vox, ok = mni_to_voxel(anat, c, tol_mm=6.0)
             if not ok[0]:
@@ -224,7 +224,7 @@ def artefact_field(
             sl = tuple(slice(a, b) for a, b in zip(lo, hi))
             rel = anat.mni[(slice(None), *sl)].astype(np.float64) - c[:, None, None, None]
             q = ((rel / s[:, None, None, None]) ** 2).sum(0)
-            streak = 0.75 + 0.25 * np.cos(np.tensordot(kvec, rel, axes=(0, 0)) + phase)
+            streak = 0.85 + 0.15 * np.cos(np.tensordot(kvec, rel, axes=(0, 0)) + phase)
             rel[2] -= 1.8 * s[2]
             fringe = 0.3 * amp * np.exp(-0.5 * ((rel / s[:, None, None, None]) ** 2).sum(0))
             local = 1.0 - amp * np.exp(-0.5 * q) * streak + fringe

@@ -14,6 +14,8 @@ to a multiple of 4 and the output is cropped back, so the paper's 160 x 146 x 32
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -77,6 +79,8 @@ class CMBGenerator(nn.Module):
             are). ``"sigmoid"``: ``sigmoid(h)``, a free image as in Xia et al. Both give values in [0, 1].
         mask_to_head: also give ``head_gain * mask`` and ``head_gain * mask * image`` to the 1x1 output head (a
             direct path from "where" to "how much"; ours, not in Xia et al.).
+        mask_blur: sigmas (voxels) of Gaussian-blurred masks given to the head the same way (ours; empty: none):
+            a dark centre and a blooming rim beyond the label are then linear in the head's weights.
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
@@ -95,6 +99,7 @@ class CMBGenerator(nn.Module):
         output: str = "residual",
         mask_to_head: bool = True,
         head_gain: float = 4.0,
+        mask_blur: Sequence[float] = (),
     ) -> None:
         super().__init__()
         if output not in ("residual", "sigmoid"):
@@ -118,7 +123,17 @@ class CMBGenerator(nn.Module):
         # the head's weights; through the stem alone, 800 CPU-preset steps painted nothing. The gain lets Adam,
         # whose steps are about lr per weight, reach unit slopes within a few hundred steps.
         self.mask_to_head, self.head_gain = bool(mask_to_head) and in_channels > 1, float(head_gain)
-        self.head = nn.Conv3d(c1 + (2 * (in_channels - 1) if self.mask_to_head else 0), out_channels, 1)
+        # Gaussian-blurred copies of the mask (sigma in voxels) feed the head too (ours): a CMB is darkest at its
+        # centre and blooms beyond its label, a profile that is then linear in the head's weights
+        self.mask_blur = tuple(float(sg) for sg in mask_blur) if self.mask_to_head else ()
+        for i, sg in enumerate(self.mask_blur):
+            if sg <= 0:
+                raise ValueError(f"mask_blur sigmas must be positive, got {mask_blur}")
+            r = max(1, int(round(3 * sg)))
+            k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sg) ** 2)
+            self.register_buffer(f"_blur{i}", k / k.sum(), persistent=False)
+        n_head = 2 * (in_channels - 1) * (1 + len(self.mask_blur)) if self.mask_to_head else 0
+        self.head = nn.Conv3d(c1 + n_head, out_channels, 1)
         if output == "residual":
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
@@ -144,8 +159,8 @@ class CMBGenerator(nn.Module):
         u1 = self.fuse1(torch.cat([self.up1(d2), d1], dim=1))
         u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
         if self.mask_to_head:
-            m = x[:, 1:]
-            u2 = torch.cat([u2, self.head_gain * m, self.head_gain * m * x[:, :1]], dim=1)
+            masks = [x[:, 1:]] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
+            u2 = torch.cat([u2] + [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])], dim=1)
         h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
         if self.output == "residual":
             out = image + h
@@ -153,6 +168,20 @@ class CMBGenerator(nn.Module):
             # it bites, so an output pushed out of range could never be pulled back by the L1 terms
             return out + (out.clamp(0.0, 1.0) - out).detach()
         return torch.sigmoid(h)
+
+
+    @staticmethod
+    def _blurred(m: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """Separable Gaussian blur of a (B, C, X, Y, Z) mask with the 1-D kernel ``k`` (replicate borders)."""
+        r = (len(k) - 1) // 2
+        c = m.shape[1]
+        for axis in range(3):
+            shape = [1, 1, 1, 1, 1]
+            shape[2 + axis] = len(k)
+            pad = [0, 0, 0, 0, 0, 0]
+            pad[2 * (2 - axis)] = pad[2 * (2 - axis) + 1] = r
+            m = F.conv3d(F.pad(m, pad, mode="replicate"), k.to(m.dtype).view(shape).expand(c, 1, *shape[2:]), groups=c)
+        return m
 
 
 class CMBCritic(nn.Module):

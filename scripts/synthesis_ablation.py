@@ -1,0 +1,83 @@
+"""Summarise synthesis training runs (the realism ablation) into a table with the targets.
+
+Each run is one ``python -m monai.bundle run training --config_file bundles/cmb_synthesis/configs/train.yaml
+--seed S --ckpt_dir RUNS/<setup>/seed<S>/models [overrides]``; this script reads every
+``RUNS/<setup>/seed<S>/models/metrics.json`` (the evaluator's history), copies it beside the run folder as
+``RUNS/<setup>/seed<S>/metrics.json`` (small, committed; the models are not) and writes ``RUNS/summary.json`` and
+``RUNS/summary.md`` (mean and min-max over seeds of the final validation round, and the largest identity error
+after the first quarter of training).
+
+    python scripts/synthesis_ablation.py --runs bundles/cmb_synthesis/ablation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from cmb_synthesis.data.io import atomic_output, write_json  # noqa: E402
+
+# final-round metrics reported per setup, and the targets of the CPU preset
+COLUMNS = ("realism_auc", "centre_ratio", "profile_error", "lesion_fidelity", "removal_contrast", "identity_mae")
+TARGETS = {"realism_auc": "<= 0.70", "centre_ratio": "0.9-1.1", "profile_error": "<= 0.05",
+           "removal_contrast": ">= 0.9", "identity_mae": "<= 0.01", "max_identity_after_q1": "<= 0.03"}
+
+
+def run_summary(metrics_json: Path) -> dict:
+    m = json.loads(metrics_json.read_text())
+    hist = m.get("history", [])
+    last = hist[-1] if hist else {"metrics": m.get("metrics", {})}
+    max_it = max((h.get("iteration", 0) for h in hist), default=0)
+    later = [h["metrics"].get("identity_mae") for h in hist if h.get("iteration", 0) > max_it / 4]
+    later = [v for v in later if v is not None]
+    out = {k: last["metrics"].get(k) for k in COLUMNS}
+    out["max_identity_after_q1"] = max(later) if later else None
+    out["profile_real"] = [last["metrics"].get(f"profile_real_{d}") for d in range(5)]
+    out["profile_synthetic"] = [last["metrics"].get(f"profile_synthetic_{d}") for d in range(5)]
+    out["iterations"] = last.get("iteration")
+    out["elapsed_s"] = last.get("elapsed_s")
+    return out
+
+
+def _fmt(values: list) -> str:
+    v = np.array([x for x in values if x is not None], dtype=float)
+    if not len(v):
+        return "-"
+    return f"{v.mean():.3f} ({v.min():.3f}-{v.max():.3f})" if len(v) > 1 else f"{v[0]:.3f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--runs", default="bundles/cmb_synthesis/ablation")
+    args = ap.parse_args(argv)
+    root = Path(args.runs)
+    setups: dict[str, dict[str, dict]] = {}
+    for mj in sorted(root.glob("*/seed*/models/metrics.json")):
+        run_dir = mj.parent.parent
+        shutil.copyfile(mj, run_dir / "metrics.json")
+    for mj in sorted(root.glob("*/seed*/metrics.json")):
+        setups.setdefault(mj.parent.parent.name, {})[mj.parent.name] = run_summary(mj)
+    if not setups:
+        print(f"error: no {root}/<setup>/seed<S>/models/metrics.json", file=sys.stderr)
+        return 1
+    write_json({"targets": TARGETS, "setups": setups}, root / "summary.json")
+    cols = (*COLUMNS, "max_identity_after_q1")
+    lines = ["| setup | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
+             "| target | | " + " | ".join(TARGETS.get(c, "") for c in cols) + " |"]
+    for name, runs in setups.items():
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(_fmt([r[c] for r in runs.values()]) for c in cols) + " |")
+    with atomic_output(root / "summary.md") as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
