@@ -34,14 +34,16 @@ def run_summary(metrics_json: Path) -> dict:
     m = json.loads(metrics_json.read_text())
     hist = m.get("history", [])
     last = hist[-1] if hist else {"metrics": m.get("metrics", {})}
-    max_it = max((h.get("iteration", 0) for h in hist), default=0)
-    later = [h["metrics"].get("identity_mae") for h in hist if h.get("iteration", 0) > max_it / 4]
+    step = "iteration" if any("iteration" in h for h in hist) else "epoch"  # what the writer recorded
+    total = m.get("max_epochs") if step == "epoch" else None
+    total = total or max((h.get(step, 0) for h in hist), default=0)
+    later = [h["metrics"].get("identity_mae") for h in hist if h.get(step, 0) > total / 4]
     later = [v for v in later if v is not None]
     out = {k: last["metrics"].get(k) for k in COLUMNS}
     out["max_identity_after_q1"] = max(later) if later else None
     out["profile_real"] = [last["metrics"].get(f"profile_real_{d}") for d in range(5)]
     out["profile_synthetic"] = [last["metrics"].get(f"profile_synthetic_{d}") for d in range(5)]
-    out["iterations"] = last.get("iteration")
+    out["iterations"] = last.get("iteration") or (last.get("epoch", 0) * (m.get("epoch_length") or 0))
     out["elapsed_s"] = last.get("elapsed_s")
     return out
 
