@@ -1,9 +1,10 @@
 """Montage of trained synthesis: healthy | sampled mask | synthetic (G_HP), pathological | its mask |
-pseudo-healthy (G_PH), each with a close-up around a lesion, on the axial slice holding the most mask voxels.
+pseudo-healthy (G_PH), each with a close-up around a lesion, on the axial slice holding the most mask voxels;
+bottom row: real and synthetic CMBs side by side at the same zoom and grey levels.
 
     python scripts/synthesis_montage.py [--bundle_dir bundles/cmb_synthesis] [--datalist DATALIST]
         [--split validation] [--seed 0] [--output bundles/cmb_synthesis/docs/synthesis_montage.png]
-        [--config bundles/cmb_synthesis/configs/paper.yaml]
+        [--config bundles/cmb_synthesis/configs/paper.yaml] [--models_dir DIR]
 
 Uses the trained ``models/G_HP.pt``, ``models/G_PH.pt`` and ``models/lesion_bank.npz`` and the generator
 definition ``G_def`` of ``configs/train.yaml`` (merged with the ``--config`` overlays, e.g. ``paper.yaml`` for
@@ -39,6 +40,23 @@ def _slice_and_box(label: np.ndarray, half: int = 16):
     return z, (x0, y0, 2 * half)
 
 
+def _lesion_crops(image: np.ndarray, label: np.ndarray, n: int = 3, half: int = 8) -> list[np.ndarray]:
+    """Axial 2*half x 2*half crops through the centres of the ``n`` largest lesions (away from the borders)."""
+    from scipy import ndimage
+
+    lab, k = ndimage.label(label > 0)
+    sizes = ndimage.sum(np.ones_like(lab), lab, range(1, k + 1))
+    out = []
+    for i in np.argsort(sizes)[::-1]:
+        c = np.rint(ndimage.center_of_mass(lab == i + 1)).astype(int)
+        if (c[:2] - half < 0).any() or (c[:2] + half > np.array(image.shape[:2])).any():
+            continue
+        out.append(image[c[0] - half : c[0] + half, c[1] - half : c[1] + half, c[2]])
+        if len(out) == n:
+            break
+    return out
+
+
 def _show(ax, img, title, box=None, mask=None, close=False):
     x0, y0, w = box
     view = img[x0 : x0 + w, y0 : y0 + w] if close else img
@@ -62,6 +80,7 @@ def main() -> None:
     ap.add_argument("--output", default=None)
     ap.add_argument("--ckpt", default=None, help="a checkpoint_iteration=N.pt to use instead of models/G_HP.pt, G_PH.pt")
     ap.add_argument("--config", action="append", default=[], help="config overlays merged over configs/train.yaml")
+    ap.add_argument("--models_dir", default=None, help="folder with G_HP.pt, G_PH.pt, lesion_bank.npz (default <bundle_dir>/models)")
     args = ap.parse_args()
     bundle = Path(args.bundle_dir)
     parser = ConfigParser()
@@ -71,14 +90,15 @@ def main() -> None:
         G_HP = load_network_weights(gen(), args.ckpt, key="G_HP")
         G_PH = load_network_weights(gen(), args.ckpt, key="G_PH")
     else:
-        G_HP = load_network_weights(gen(), bundle / "models" / "G_HP.pt")
-        G_PH = load_network_weights(gen(), bundle / "models" / "G_PH.pt")
+        models = Path(args.models_dir or bundle / "models")
+        G_HP = load_network_weights(gen(), models / "G_HP.pt")
+        G_PH = load_network_weights(gen(), models / "G_PH.pt")
     datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
     import json
 
     from transforms.lesion_mask import LesionBank
 
-    bank = LesionBank.load(bundle / "models" / "lesion_bank.npz")
+    bank = LesionBank.load(Path(args.models_dir or bundle / "models") / "lesion_bank.npz")
     items = json.loads(datalist.read_text())[args.split]
     ids_h = {i["id"] for i in items if i["group"] == "healthy"}
     ids_p = {i["id"] for i in items if i["group"] == "pathological"}
@@ -91,7 +111,7 @@ def main() -> None:
         p = load_scan(patho, "pseudo_healthy")
         ph = synthesize_volume(G_PH, p["image"], p["label"])[0].numpy()
 
-    fig, axes = plt.subplots(2, 6, figsize=(15, 5.6))
+    fig, axes = plt.subplots(3, 6, figsize=(15, 8.4))
     for row, (scan, out, names) in enumerate(
         [(h, syn, ("healthy x_h", "sampled mask y_p", "synthetic G_HP(x_h, y_p)")),
          (p, ph, ("pathological x_p", "its mask y_p", "pseudo-healthy G_PH(x_p, y_p)"))]
@@ -105,7 +125,16 @@ def main() -> None:
         _show(axes[row, 3], a, "close-up: input", box, close=True)
         _show(axes[row, 4], a, "close-up: mask", box, mask=m, close=True)
         _show(axes[row, 5], o, "close-up: output", box, close=True)
-    src = Path(args.ckpt).name if args.ckpt else "models/G_HP.pt, G_PH.pt"
+    # real and synthetic lesions side by side at the same zoom and grey levels: 3 of each, 16 x 16 voxels
+    crops = [("real", c) for c in _lesion_crops(p["image"][0].numpy(), p["label"][0].numpy())]
+    crops += [("synthetic", c) for c in _lesion_crops(syn, h["label"][0].numpy())]
+    for ax, (kind, crop) in zip(axes[2], crops):
+        ax.imshow(crop.T, cmap="gray", origin="lower", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(f"{kind} CMB (16 x 16 voxels)", fontsize=8)
+        ax.axis("off")
+    for ax in axes[2][len(crops):]:
+        ax.axis("off")
+    src = Path(args.ckpt).name if args.ckpt else f"{args.models_dir or 'models'}/G_HP.pt, G_PH.pt"
     fig.suptitle(
         f"cmb_synthesis ({src}): {healthy.id} (top), {patho.id} (bottom); red = mask, yellow = close-up", fontsize=9
     )

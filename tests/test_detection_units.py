@@ -267,3 +267,15 @@ def test_find_inputs_skips_masks_labels_and_outputs(tmp_path):
     assert naming.scan_id_of(tmp_path / "a_swi.nii.gz") == "a" and naming.scan_id_of("x/dicom_series") == "dicom_series"
     with pytest.raises(FileNotFoundError):
         naming.find_inputs(tmp_path / "none")
+
+
+def test_load_split_of_a_relative_datalist_path_gives_each_file_once(tmp_path, monkeypatch):
+    """A datalist given by a relative path: item paths are joined to its folder once (absolute results)."""
+    folder = tmp_path / "cohort"
+    folder.mkdir()
+    for name in ("a_swi.nii.gz", "a_brainmask.nii.gz"):
+        (folder / name).write_bytes(b"x")
+    (folder / "datalist.json").write_text(json.dumps({"test": [{"image": "a_swi.nii.gz", "brainmask": "a_brainmask.nii.gz"}]}))
+    monkeypatch.chdir(tmp_path)
+    (item,) = datalist.load_split("cohort/datalist.json", "test")
+    assert item["image"] == str(folder / "a_swi.nii.gz") and item["brainmask"] == str(folder / "a_brainmask.nii.gz")

@@ -66,7 +66,7 @@ def load_split(
         ValueError: not JSON, no such split, an empty split with ``nonempty``, an item that is not an object or
             lacks a ``required`` key.
     """
-    path = Path(datalist)
+    path = Path(datalist).absolute()  # MONAI joins relative paths to the folder: make the result absolute
     raw = read_datalist(path)
     if split not in raw:
         if missing_ok and not nonempty:
