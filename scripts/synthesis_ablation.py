@@ -62,8 +62,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.runs)
     setups: dict[str, dict[str, dict]] = {}
     for mj in sorted(root.glob("*/seed*/models/metrics.json")):
-        run_dir = mj.parent.parent
-        shutil.copyfile(mj, run_dir / "metrics.json")
+        m = json.loads(mj.read_text())
+        last = (m.get("history") or [{}])[-1]
+        if m.get("max_epochs") and last.get("epoch", 0) < int(m["max_epochs"]):  # still training: not a result
+            print(f"{mj}: incomplete (epoch {last.get('epoch')} of {m['max_epochs']}), skipped")
+            continue
+        shutil.copyfile(mj, mj.parent.parent / "metrics.json")
     for mj in sorted(root.glob("*/seed*/metrics.json")):
         setups.setdefault(mj.parent.parent.name, {})[mj.parent.name] = run_summary(mj)
     if not setups:

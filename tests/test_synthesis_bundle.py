@@ -93,9 +93,10 @@ def test_evaluating_overlay_scores_the_newest_checkpoint(trained, tiny_cohort, t
     metrics = json.loads((trained / "eval" / "metrics.json").read_text())["metrics"]
     assert np.isfinite(metrics["identity_mae"]) and "lesion_fidelity" in metrics
     assert (trained / "models" / "metrics.json").read_text() == train_metrics  # training's record untouched
-    # the checkpoint's generators are what is scored: a G_HP that brightens every voxel changes identity_mae
+    # the checkpoint's generators are what is scored (their moving averages, key G_HP_ema): a G_HP that brightens
+    # every voxel changes identity_mae
     ckpt = torch.load(latest_checkpoint(trained / "models"), weights_only=True)
-    ckpt["G_HP"]["head.bias"] = ckpt["G_HP"]["head.bias"] + 0.2
+    ckpt["G_HP_ema"]["head.bias"] = ckpt["G_HP_ema"]["head.bias"] + 0.2
     torch.save(ckpt, tmp_path / "bright.pt")
     run("evaluating", config_file=files, ckpt_path=str(tmp_path / "bright.pt"), metrics_path=str(tmp_path / "m.json"), **args)
     bright = json.loads((tmp_path / "m.json").read_text())["metrics"]
