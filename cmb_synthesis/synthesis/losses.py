@@ -43,6 +43,8 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from cmb_synthesis.synthesis.metrics import dilate
+
 __all__ = [
     "L_CC",
     "L_ID",
@@ -242,9 +244,7 @@ class LesionCycleLoss(GeneratorLoss):
         self.dilation = int(dilation)
 
     def _region(self, mask: torch.Tensor, brainmask: torch.Tensor | None) -> torch.Tensor:
-        m = (mask > 0).float()
-        if self.dilation > 0:
-            m = torch.nn.functional.max_pool3d(m, 2 * self.dilation + 1, stride=1, padding=self.dilation)
+        m = dilate(mask, self.dilation).float()
         if brainmask is not None:
             m = m * (brainmask > 0).float()
         return m
