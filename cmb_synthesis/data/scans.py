@@ -47,7 +47,8 @@ from transforms.pipelines import preprocessing
 logger = logging.getLogger(__name__)
 
 __all__ = ["PLAUSIBLE_SPACING_MM", "SPACING_WARN_RATIO", "CanonicalImage", "is_dicom", "canonical_spacing",
-           "check_spacing", "read_image", "to_canonical", "from_canonical", "write_like", "load_scan"]
+           "check_spacing", "read_image", "to_canonical", "from_canonical", "write_like", "as_meta_tensor",
+           "load_lesion_labels", "load_scan"]
 
 
 @dataclass
@@ -298,9 +299,24 @@ def write_like(
     return save_nifti(data, ref.source_affine, out_path, header=header, overwrite=overwrite)
 
 
-def _meta_tensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
+def as_meta_tensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
+    """An (X, Y, Z) array with its affine as a channel-less MetaTensor (``load=False`` input of preprocessing)."""
     return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)), affine=torch.as_tensor(affine, dtype=torch.float64),
                       meta={"filename_or_obj": source, "original_channel_dim": "no_channel"})
+
+
+def load_lesion_labels(path: PathLike) -> tuple[MetaTensor, bool]:
+    """A lesion mask file (NIfTI or DICOM) in closest-RAS orientation as int32 instance labels.
+
+    A binary mask is split into connected components (:func:`transforms.labels.as_instance_labels`, logged).
+    Returns ``(labels, split)``: the (X, Y, Z) MetaTensor and whether the mask was split.
+    """
+    lab = to_canonical(path, dtype=None)
+    instances, split = as_instance_labels(lab.array, str(path))
+    if split:
+        logger.warning("%s: binary lesion mask split into %d connected components (one lesion each)", path,
+                       int(instances.max()))
+    return as_meta_tensor(instances.astype(np.int32), lab.affine, str(path)), split
 
 
 def load_scan(
@@ -334,30 +350,25 @@ def load_scan(
         FileNotFoundError / ValueError naming the file (missing, unreadable, NaN, masks on another grid, ...).
     """
     can = to_canonical(image, dtype=np.float32, series_uid=series_uid)
-    data: dict[str, Any] = {"image": _meta_tensor(can.array, can.affine, str(image))}
+    data: dict[str, Any] = {"image": as_meta_tensor(can.array, can.affine, str(image))}
     mask_keys: tuple[str, ...] = ("brainmask",)
     if brainmask is not None:
         bm = to_canonical(brainmask, dtype=None)
-        data["brainmask"] = _meta_tensor(bm.array, bm.affine, str(brainmask))
+        data["brainmask"] = as_meta_tensor(bm.array, bm.affine, str(brainmask))
         mask_source = "file"
     elif estimate_mask:
         try:
             estimated = estimate_brainmask(can.array, can.spacing)
         except ValueError as e:
             raise ValueError(f"{image}: no brain mask beside it and none can be estimated ({e})") from e
-        data["brainmask"] = _meta_tensor(estimated, can.affine, f"{image} (estimated mask)")
+        data["brainmask"] = as_meta_tensor(estimated, can.affine, f"{image} (estimated mask)")
         mask_source = "estimated"
     else:
         raise ValueError(f"{image}: no brain mask given")
     label_keys: tuple[str, ...] = ()
     label_split = False
     if label is not None:
-        lab = to_canonical(label, dtype=None)
-        instances, label_split = as_instance_labels(lab.array, str(label))
-        if label_split:
-            logger.warning("%s: binary lesion mask split into %d connected components (one lesion each)", label,
-                           int(instances.max()))
-        data["label"] = _meta_tensor(instances.astype(np.int32), lab.affine, str(label))
+        data["label"], label_split = load_lesion_labels(label)
         label_keys = ("label",)
     d = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys, lower=lower, upper=upper,
                       load=False)(data)

@@ -37,16 +37,14 @@ import nibabel as nib
 import numpy as np
 import torch
 import torch.nn as nn
-from monai.data import MetaTensor
 from monai.inferers import SlidingWindowInferer
 from monai.networks.utils import eval_mode
 
 from cmb_synthesis.data.batch import BatchJob, run_batch
 from cmb_synthesis.data.datalist import SPLITS, load_split
 from cmb_synthesis.data.io import PathLike
-from transforms.labels import as_instance_labels
 from cmb_synthesis.data.naming import find_beside, find_inputs, unique_scan_ids
-from cmb_synthesis.data.scans import CanonicalImage, to_canonical, write_like
+from cmb_synthesis.data.scans import CanonicalImage, as_meta_tensor, load_lesion_labels, to_canonical, write_like
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.intensity import invert_percentile_scale
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
@@ -177,11 +175,6 @@ def _scan_seed(seed: int, sid: str) -> int:
     return (zlib.crc32(sid.encode()) ^ int(seed)) % (2**31)
 
 
-def _meta_tensor(array: np.ndarray, affine: np.ndarray, source: str) -> MetaTensor:
-    return MetaTensor(torch.as_tensor(np.ascontiguousarray(array)), affine=torch.as_tensor(affine, dtype=torch.float64),
-                      meta={"filename_or_obj": source, "original_channel_dim": "no_channel"})
-
-
 def _plain(v: Any) -> torch.Tensor:
     return v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(np.asarray(v))
 
@@ -221,22 +214,18 @@ def load_scan(
     _check_inputs(job, direction, bank)
     verb = "paint" if direction == "pathological" else "remove"
     can = to_canonical(job.image, dtype=np.float32)
-    data: dict[str, Any] = {"image": _meta_tensor(can.array, can.affine, str(job.image))}
+    data: dict[str, Any] = {"image": as_meta_tensor(can.array, can.affine, str(job.image))}
     keys: dict[str, tuple[str, ...]] = {"mask_keys": (), "label_keys": (), "extra_keys": ()}
     if job.brainmask:
         bm = to_canonical(job.brainmask, dtype=None)
-        data["brainmask"], keys["mask_keys"] = _meta_tensor(bm.array, bm.affine, job.brainmask), ("brainmask",)
+        data["brainmask"], keys["mask_keys"] = as_meta_tensor(bm.array, bm.affine, job.brainmask), ("brainmask",)
     label_split = False
     if job.mask:
-        lab = to_canonical(job.mask, dtype=None)
-        instances, label_split = as_instance_labels(lab.array, str(job.mask))
-        if label_split:
-            logger.info("%s: binary lesion mask split into %d connected components (one lesion each)", job.mask,
-                        int(instances.max()))
-        data["label"], keys["label_keys"] = _meta_tensor(instances.astype(np.int32), lab.affine, job.mask), ("label",)
+        data["label"], label_split = load_lesion_labels(job.mask)
+        keys["label_keys"] = ("label",)
     elif job.tissue:  # guides where sampled lesions may go
         tis = to_canonical(job.tissue, dtype=None)
-        data["tissue"], keys["extra_keys"] = _meta_tensor(tis.array, tis.affine, job.tissue), ("tissue",)
+        data["tissue"], keys["extra_keys"] = as_meta_tensor(tis.array, tis.affine, job.tissue), ("tissue",)
     data = preprocessing(keys=("image",), load=False, **keys)(data)
     if job.mask:
         label = _plain(data["label"]).numpy()
