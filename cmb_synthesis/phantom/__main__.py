@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import time
 
@@ -47,6 +48,8 @@ def main(argv: list[str] | None = None) -> int:
                        help=f"override the preset's {key[2:].replace('_', ' ')} count")
     args = p.parse_args(argv)
     counts = {k: getattr(args, k) for k in SPLIT_KEYS}
+    # progress of the subjects: a bar on a terminal, else "phantom subjects: i/N (elapsed, remaining)" lines
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     t0 = time.time()
     try:
         path = generate_cohort(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite,

@@ -18,6 +18,7 @@ from cmb_synthesis.phantom.benchmark import (BENCHMARK_COUNTS, REALISM_PRESETS, 
                                              site_options)
 from cmb_synthesis.phantom.mimics import MIMIC_CODES, MIMIC_TYPES
 from cmb_synthesis.phantom.subject import DEFAULT_OPTIONS, REALISM_OPTIONS, simulate_subject
+from cmb_synthesis.progress import progress
 
 __all__ = ["PRESETS", "SPLIT_KEYS", "generate_cohort", "ensure_cohort", "write_subject", "planned_lesions"]
 
@@ -196,11 +197,12 @@ def generate_cohort(
     with atomic_directory(out, overwrite=overwrite) as tmp:
         jobs = [(children[n], group == "pathological", f"sub-{n:03d}_{group[0].upper()}", str(tmp), subject_options[n])
                 for n, (_, group) in enumerate(plan)]
+        # i/N subjects with elapsed / remaining time (a bar on a terminal, log lines otherwise)
         if int(workers) > 1:
             with ProcessPoolExecutor(int(workers)) as pool:
-                items = list(pool.map(_make, jobs))
+                items = list(progress(pool.map(_make, jobs), "phantom subjects", total=len(jobs)))
         else:
-            items = [_make(j) for j in jobs]
+            items = [_make(j) for j in progress(jobs, "phantom subjects")]
         datalist: dict[str, Any] = {
             "name": "cmb-synthesis SWI phantom cohort",
             "description": "SWI-like phantoms on MNI152 anatomy with veins and ground-truth cerebral microbleeds",

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cmb_synthesis.data.io import write_json
+from cmb_synthesis.progress import format_seconds
 
 __all__ = ["Stage", "StageRunner", "hash_files", "run_bundle", "bundle_kwargs", "command_line_args"]
 
@@ -120,10 +121,13 @@ class StageRunner:
         return json.loads((self.folder(stage) / DONE_FILE).read_text())["result"]
 
     def _eta(self) -> str:
+        """``elapsed 12m05s, remaining ~1h02m00s``: wall time since the runner started, and the stages still to
+        run times the mean duration of the stages run so far (cached stages cost nothing)."""
+        elapsed = f"elapsed {format_seconds(time.monotonic() - self.t0)}"
         if self.total is None or self.n_ran == 0:
-            return "ETA unknown"
+            return f"{elapsed}, remaining unknown"
         remaining = max(self.total - self.done, 0)
-        return f"ETA {remaining * self.spent_running / self.n_ran / 60:.1f} min"
+        return f"{elapsed}, remaining ~{format_seconds(remaining * self.spent_running / self.n_ran)}"
 
     def __call__(self, stage: Stage) -> dict[str, Any]:
         """Run ``stage`` unless a finished copy with the same key exists; return its summary."""
@@ -147,7 +151,7 @@ class StageRunner:
         self.done += 1
         self.n_ran += 1
         self.spent_running += elapsed
-        self._log(f"{position} {stage.name}: done in {elapsed / 60:.1f} min ({self._eta()})")
+        self._log(f"{position} {stage.name}: done in {format_seconds(elapsed)} ({self._eta()})")
         return result
 
 
