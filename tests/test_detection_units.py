@@ -248,12 +248,104 @@ def test_estimated_brainmask_covers_the_head_and_keeps_dark_lesions():
         brainmask.estimate_brainmask(np.ones(shape))
 
 
-def test_probability_map_puts_probabilities_on_small_balls():
-    pm = inference.probability_map((20, 20, 20), np.array([[5, 5, 5], [6, 5, 5], [19, 19, 19]]), np.array([0.2, 0.7, 0.4]),
-                           (1.0, 1.0, 1.0), radius_mm=1.0)
+def test_draw_balls_puts_values_on_small_balls_in_any_grid():
+    from cmb_synthesis.detection import outputs
+
+    pm = outputs.draw_balls((20, 20, 20), np.eye(4), np.array([[5, 5, 5], [6, 5, 5], [19, 19, 19]]),
+                            np.array([0.2, 0.7, 0.4]), radius_mm=1.0)
     assert pm.dtype == np.float32 and pm[5, 5, 5] == pytest.approx(0.7)  # overlap: the max
     assert pm[4, 5, 5] == pytest.approx(0.2) and pm[19, 19, 19] == pytest.approx(0.4)
     assert pm[10, 10, 10] == 0 and (pm > 0).sum() == 7 + 7 - 2 + 4  # two 7-voxel balls sharing 2 voxels, a clipped corner ball
+    # labels: the first (most probable) keeps shared voxels
+    lab = outputs.draw_balls((20, 20, 20), np.eye(4), np.array([[6, 5, 5], [5, 5, 5]]), np.array([1, 2]), 1.0,
+                             np.uint16, "first")
+    assert lab.dtype == np.uint16 and lab[5, 5, 5] == 1 and lab[6, 5, 5] == 1 and lab[4, 5, 5] == 2
+    # an oblique, anisotropic grid (0.5 x 0.5 x 2 mm rotated 10 degrees): every voxel of the ball is within the
+    # radius in world mm, and the ball holds the voxels a brute-force distance test finds
+    t = np.deg2rad(10)
+    rot = np.array([[1, 0, 0], [0, np.cos(t), -np.sin(t)], [0, np.sin(t), np.cos(t)]])
+    aff = np.eye(4)
+    aff[:3, :3] = rot @ np.diag([0.5, 0.5, 2.0])
+    centre = nib.affines.apply_affine(aff, [10.3, 9.6, 5.2])
+    ball = outputs.draw_balls((20, 20, 10), aff, centre[None], [1.0], 1.5) > 0
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in (20, 20, 10)], indexing="ij"), -1)
+    dist = np.linalg.norm(nib.affines.apply_affine(aff, grid) - centre, axis=-1)
+    np.testing.assert_array_equal(ball, dist <= 1.5)
+    # world -> input voxels is the inverse affine, rounded and clipped
+    np.testing.assert_array_equal(outputs.world_to_voxels(centre[None], aff, (20, 20, 10)), [[10, 10, 5]])
+
+
+def test_operating_point_threshold_and_overrides(tmp_path):
+    """The saved threshold is the last FROC point at <= the FP rate; --fp_per_scan looks up the saved curve;
+    --threshold wins; no file and no --threshold is an error; a file of another model.pt is refused."""
+    from cmb_synthesis.data.io import write_json
+    from cmb_synthesis.detection import operating_point as opm
+    from cmb_synthesis.evaluation.hits import ScanResult
+
+    results = [ScanResult("a", [0.9, np.nan], [0.8, 0.5, 0.1]), ScanResult("b", [0.7], [0.6, 0.3])]
+    op = opm.operating_point(results, 1.0, {"spacing": [0.98, 0.98, 1.0]})
+    # points: 0.9 (fp 0, 1/3), 0.8 (0.5, 1/3), 0.7 (0.5, 2/3), 0.6 (1.0, 2/3), 0.5 (1.5, ...)
+    assert op["threshold"] == pytest.approx(0.6) and op["sensitivity"] == pytest.approx(2 / 3)
+    assert op["fp_per_scan"] == pytest.approx(1.0) and op["n_scans"] == 2 and op["n_lesions"] == 3
+    assert op["froc"]["threshold"][0] is None and op["spacing"] == [0.98, 0.98, 1.0]
+    nothing = opm.operating_point([ScanResult("c", [np.nan], [0.9])], 0.5)
+    assert nothing["threshold"] > 0.9 and nothing["fp_per_scan"] == 0.0
+    assert opm.detections_at(results, 0.6) == {"threshold": 0.6, "sensitivity": pytest.approx(2 / 3),
+                                               "fp_per_scan": 1.0, "n_lesions_detected": 2, "n_false_positives": 2}
+    model = tmp_path / "model.pt"
+    model.write_bytes(b"weights")
+    path = tmp_path / "operating_point.json"
+    write_json({**op, "model_sha256": opm.file_sha256(model)}, path)
+    saved = opm.resolve_threshold(operating_point_path=path, model_path=model)
+    assert saved["threshold"] == pytest.approx(0.6) and saved["source"] == "saved operating point"
+    assert saved["spacing"] == [0.98, 0.98, 1.0]
+    looked_up = opm.resolve_threshold(fp_per_scan=0.5, operating_point_path=path, model_path=model)
+    assert looked_up["threshold"] == pytest.approx(0.7) and looked_up["source"] == "--fp_per_scan"
+    given = opm.resolve_threshold(threshold=0.25, operating_point_path=path)
+    assert given["threshold"] == 0.25 and given["source"] == "--threshold"
+    with pytest.raises(ValueError, match="either --threshold or --fp_per_scan"):
+        opm.resolve_threshold(0.5, 2.0, path)
+    with pytest.raises(ValueError, match=r"probability in \[0, 1\]"):
+        opm.resolve_threshold(threshold=1.5)
+    with pytest.raises(ValueError, match="no operating point saved.*--threshold"):
+        opm.resolve_threshold(operating_point_path=tmp_path / "missing.json")
+    model.write_bytes(b"other weights")
+    with pytest.raises(ValueError, match="another model"):
+        opm.resolve_threshold(operating_point_path=path, model_path=model)
+
+
+def test_load_scan_resamples_to_the_training_spacing(tmp_path):
+    """A scan at 0.5 x 0.5 x 2 mm stored LPS: load_scan(spacing=) gives the RAS grid at that spacing, mask and
+    labels resampled by nearest neighbour, a lesion at the same world place; at the native spacing: no resampling."""
+    from nibabel.processing import resample_from_to
+
+    paths = _blob_scan(tmp_path / "native", np.diag([0.98, 0.98, 1.0, 1.0]))
+    native = scans.load_scan(paths["image"], paths["brainmask"], paths["label"], spacing=(0.98, 0.98, 1.0))
+    assert not native["resampled"] and native["image"].shape == (1, 48, 44, 36)
+    lps = np.diag([-0.5, -0.5, 2.0, 1.0])
+    ref = nib.load(str(paths["image"]))
+    centre = ref.affine[:3, :3] @ (np.array(ref.shape) / 2) + ref.affine[:3, 3]
+    lps[:3, 3] = centre - lps[:3, :3] @ np.array([48, 44, 9])
+    folder = tmp_path / "lps"
+    folder.mkdir()
+    out = {}
+    for key, order in (("image", 1), ("brainmask", 0), ("label", 0)):
+        img = resample_from_to(nib.load(str(paths[key])), ((96, 88, 18), lps), order=order)
+        out[key] = folder / paths[key].name
+        nib.save(img, str(out[key]))
+    scan = scans.load_scan(out["image"], out["brainmask"], out["label"], spacing=(0.98, 0.98, 1.0))
+    assert scan["resampled"] and scan["spacing"] == pytest.approx((0.98, 0.98, 1.0))
+    assert scan["brainmask"].dtype == torch.uint8 and scan["label"].dtype == torch.int32
+    assert set(np.unique(np.asarray(scan["label"]))) <= {0, 1, 2, 3}
+    assert scan["canonical"].source_shape == (96, 88, 18)
+    # each lesion's centroid lands at the same world position (within a voxel) in both grids
+    for lesion in (1, 2, 3):
+        def centroid(s):
+            idx = np.argwhere(np.asarray(s["label"][0]) == lesion).mean(axis=0)
+            return s["affine"][:3, :3] @ idx + s["affine"][:3, 3]
+        assert np.linalg.norm(centroid(scan) - centroid(native)) < 1.5
+    with pytest.raises(ValueError, match="spacing must be 3 positive"):
+        scans.load_scan(paths["image"], paths["brainmask"], spacing=(1.0, 0.0, 1.0))
 
 
 def test_find_inputs_skips_masks_labels_and_outputs(tmp_path):

@@ -13,7 +13,7 @@ temporary path it is given. :func:`run_batch`:
   a scan is skipped (unless ``overwrite``) only when ALL its outputs exist;
 - reports a bad scan and goes on; at the end writes ``inference_summary.json`` (``n_inputs``, ``written`` /
   ``skipped``: ``[{"id", "image", "outputs", ...info}]``, ``failed``: ``[{"id", "image", "error"}]``) and
-  ``summary.csv`` (``id, status, n, message``), atomically, and raises :class:`BatchInferenceError` if any
+  ``summary.csv`` (``id, status, n, message`` by default, or the caller's columns), atomically, and raises :class:`BatchInferenceError` if any
   scan failed.
 """
 
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from cmb_synthesis.data.io import PathLike, atomic_outputs, prepare_output_dir, write_csv, write_json
+from cmb_synthesis.progress import progress
 
 __all__ = ["BatchJob", "BatchInferenceError", "check_jobs", "run_batch", "SUMMARY_JSON", "SUMMARY_CSV",
            "SUMMARY_COLUMNS"]
@@ -131,6 +132,8 @@ def run_batch(
     finalize: Callable[[dict[str, Any]], None] | None = None,
     raise_on_error: bool = True,
     summary_extra: Mapping[str, Any] | None = None,
+    summary_columns: Sequence[str] = SUMMARY_COLUMNS,
+    desc: str = "inference",
 ) -> dict[str, Any]:
     """Process every job, one scan at a time; a bad scan is reported and the batch goes on.
 
@@ -147,11 +150,14 @@ def run_batch(
         finalize: ``finalize(summary)`` after all scans, before the error is raised (e.g. combined tables).
         raise_on_error: raise :class:`BatchInferenceError` when a scan failed (after the others ran).
         summary_extra: more top-level entries of ``inference_summary.json`` (e.g. the direction).
+        summary_columns: columns of ``summary.csv``: ``id``, ``status``, ``message`` and any info key of the
+            scans (e.g. ``n_detections``; empty for a failed scan); default ``id, status, n, message``.
+        desc: name of the loop in the progress bar / log lines (``i/N``, elapsed, remaining).
 
     Returns:
         the summary: ``n_inputs``, ``written`` and ``skipped`` (``[{"id", "image", "outputs", ...info}]``),
         ``failed`` (``[{"id", "image", "error"}]``), also written to ``output_dir/inference_summary.json``,
-        with one row per scan in ``output_dir/summary.csv`` (``id, status, n, message``).
+        with one row per scan in ``output_dir/summary.csv`` (``summary_columns``).
 
     Raises:
         ValueError / NotADirectoryError / PermissionError: a refused plan or output folder (nothing computed).
@@ -162,13 +168,23 @@ def run_batch(
     summary: dict[str, Any] = {"n_inputs": len(jobs), **dict(summary_extra or {}), "written": [], "skipped": [],
                                "failed": []}
     rows: list[dict[str, Any]] = []
-    for job in jobs:
+    columns = tuple(summary_columns)
+    for c in ("id", "status", "message"):
+        if c not in columns:
+            raise ValueError(f"summary_columns must include {c!r}, got {columns}")
+
+    def row(job: BatchJob, status: str, info: Mapping[str, Any], message: str) -> dict[str, Any]:
+        r = {c: info.get(c, "") for c in columns}
+        r.update({"id": job.id, "status": status, "message": message})
+        return r
+
+    for job in progress(list(jobs), desc):
         try:
             if not overwrite and all(Path(p).exists() for p in job.outputs.values()):
                 info = dict(existing(job) if existing is not None else {})
                 summary["skipped"].append(_entry(job, info))
-                rows.append({"id": job.id, "status": "skipped", "n": info.get("n", ""),
-                             "message": info.get("message") or "outputs exist (use overwrite to replace them)"})
+                rows.append(row(job, "skipped", info,
+                                info.get("message") or "outputs exist (use overwrite to replace them)"))
                 logger.info("%s: outputs exist, skipped (use --overwrite true to replace them)", job.id)
                 continue
             with atomic_outputs(job.outputs) as tmp:
@@ -177,15 +193,15 @@ def run_batch(
                 if missing:
                     raise RuntimeError(f"{job.image}: output {', '.join(missing)} was not written")
             summary["written"].append(_entry(job, info))
-            rows.append({"id": job.id, "status": "written", "n": info.get("n", ""), "message": info.get("message", "")})
+            rows.append(row(job, "written", info, info.get("message", "")))
             logger.info("%s: written (%s)", job.id, ", ".join(Path(p).name for p in job.outputs.values()))
         except Exception as e:  # noqa: BLE001 - a batch job reports every bad scan and goes on
             error = f"{type(e).__name__}: {e}"
             summary["failed"].append({"id": job.id, "image": str(job.image), "error": error})
-            rows.append({"id": job.id, "status": "failed", "n": "", "message": error})
+            rows.append(row(job, "failed", {}, error))
             logger.error("%s: FAILED (%s)", job.image, error)
     write_json(summary, out / SUMMARY_JSON)
-    write_csv(rows, out / SUMMARY_CSV, SUMMARY_COLUMNS)
+    write_csv(rows, out / SUMMARY_CSV, columns)
     if finalize is not None:
         finalize(summary)
     logger.info("inference: %d written, %d skipped, %d failed; summary in %s", len(summary["written"]),

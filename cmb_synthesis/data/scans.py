@@ -48,7 +48,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["PLAUSIBLE_SPACING_MM", "SPACING_WARN_RATIO", "CanonicalImage", "is_dicom", "canonical_spacing",
            "check_spacing", "read_image", "to_canonical", "from_canonical", "write_like", "as_meta_tensor",
-           "load_lesion_labels", "load_scan"]
+           "load_lesion_labels", "resample_to_spacing", "load_scan"]
 
 
 @dataclass
@@ -319,6 +319,52 @@ def load_lesion_labels(path: PathLike) -> tuple[MetaTensor, bool]:
     return as_meta_tensor(instances.astype(np.int32), lab.affine, str(path)), split
 
 
+def _channel_first(array: Any, affine: np.ndarray, source: str) -> MetaTensor:
+    """(X, Y, Z) array -> (1, X, Y, Z) MetaTensor with ``original_channel_dim`` 0 (channel already first)."""
+    mt = as_meta_tensor(np.asarray(array)[None], affine, source)
+    mt.meta["original_channel_dim"] = 0
+    return mt
+
+
+def _at_spacing(spacing: Sequence[float], target: Sequence[float] | None, rtol: float = 1e-3) -> bool:
+    """True when ``spacing`` already is ``target`` (within ``rtol``: float32 header noise is not resampled)."""
+    if target is None:
+        return True
+    return bool(np.allclose(np.asarray(spacing, np.float64), np.asarray(target, np.float64), rtol=rtol, atol=0.0))
+
+
+def resample_to_spacing(data: dict[str, Any], spacing: Sequence[float], image_keys: Sequence[str] = ("image",),
+                        nearest_keys: Sequence[str] = ()) -> dict[str, Any]:
+    """Resample channel-first RAS MetaTensors to ``spacing`` (mm) with MONAI ``Spacingd``.
+
+    Images bilinearly (border padding), masks and labels (``nearest_keys``) by nearest neighbour, keeping their
+    integer values and dtype. The grid keeps the orientation (direction cosines) and the world position of
+    voxel (0, 0, 0); its affine is the MetaTensor's ``affine``. Keys absent from ``data`` are skipped.
+    """
+    from monai.transforms import Spacingd
+
+    keys = [k for k in (*image_keys, *nearest_keys) if data.get(k) is not None]
+    modes = ["bilinear" if k in image_keys else "nearest" for k in keys]
+    dtypes = {k: data[k].dtype for k in keys}
+    out = Spacingd(keys, pixdim=tuple(float(s) for s in spacing), mode=modes, padding_mode="border")(dict(data))
+    for k in keys:
+        if k in nearest_keys:
+            out[k] = torch.round(out[k]).to(dtypes[k])
+        else:
+            out[k] = out[k].to(torch.float32)
+    return out
+
+
+def _estimate_mask(image: np.ndarray, spacing: Sequence[float], affine: np.ndarray) -> np.ndarray:
+    """:func:`estimate_brainmask` on an (X, Y, Z) RAS image with its voxel-to-world ``affine`` (mm), passed as a
+    keyword where the estimator takes it (the template registration places the MNI152 mask with it)."""
+    import inspect
+
+    if "affine" in inspect.signature(estimate_brainmask).parameters:
+        return estimate_brainmask(image, spacing, affine=affine)
+    return estimate_brainmask(image, spacing)
+
+
 def load_scan(
     image: PathLike,
     brainmask: PathLike | None = None,
@@ -328,8 +374,16 @@ def load_scan(
     upper: float = 99.5,
     estimate_mask: bool = True,
     series_uid: str | None = None,
+    spacing: Sequence[float] | None = None,
 ) -> dict[str, Any]:
-    """Load and preprocess one scan for the detector.
+    """Load and preprocess one scan for the detector, on the model's grid.
+
+    Steps: read (NIfTI or DICOM) -> closest-canonical RAS (exact) -> grid checks of the brain mask and label
+    files against the image (a mask on another grid is an error, never silently resampled) -> resampled to
+    ``spacing`` with MONAI ``Spacingd`` (image bilinear, mask and labels nearest; nothing is done when the scan
+    already has that spacing within 0.1 %) -> brain mask estimated on the resampled RAS image when none is
+    given (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`) -> ``transforms.pipelines.preprocessing``
+    (checks, brain-mask percentile clip, rescale to [0, 1]).
 
     Args:
         image: SWI NIfTI file or DICOM series (folder).
@@ -339,46 +393,64 @@ def load_scan(
         scan_id: identifier (default from the file name, see :func:`scan_id_of`).
         lower, upper: intensity percentiles (inside the brain mask) mapped to 0 and 1.
         series_uid: SeriesInstanceUID of ``image`` when it is a DICOM folder holding several series.
+        spacing: the detector's grid (mm, e.g. the training spacing ``(0.98, 0.98, 1.0)``); None keeps the
+            input's voxels.
 
     Returns:
-        dict with ``image`` (1, X, Y, Z) float32 MetaTensor in [0, 1], RAS; ``brainmask`` (1, X, Y, Z) uint8;
-        ``label`` (1, X, Y, Z) int32 or None; ``spacing`` (3,) mm; ``affine`` (4, 4) of the RAS grid;
-        ``canonical`` (:class:`cmb_synthesis.data.scans.CanonicalImage`, to go back to the input's grid);
-        ``id``, ``source`` (path), ``mask_source`` ("file" or "estimated").
+        dict with ``image`` (1, X, Y, Z) float32 MetaTensor in [0, 1], RAS, at ``spacing``; ``brainmask``
+        (1, X, Y, Z) uint8; ``label`` (1, X, Y, Z) int32 or None; ``spacing`` (3,) mm and ``affine`` (4, 4)
+        voxel-to-world (RAS mm) of that grid; ``canonical`` (:class:`CanonicalImage` of the input, exact RAS
+        reorientation: ``canonical.source_affine`` / ``source_shape`` / ``source_header`` are the input file's
+        grid, to map results back); ``resampled`` (bool); ``id``, ``source`` (path), ``mask_source``
+        ("file" or "estimated"), ``label_split``.
 
     Raises:
         FileNotFoundError / ValueError naming the file (missing, unreadable, NaN, masks on another grid, ...).
     """
+    from transforms.checks import CheckSWId
+
+    if spacing is not None:
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"{image}: spacing must be 3 positive numbers (mm), got {spacing}")
     can = to_canonical(image, dtype=np.float32, series_uid=series_uid)
-    data: dict[str, Any] = {"image": as_meta_tensor(can.array, can.affine, str(image))}
-    mask_keys: tuple[str, ...] = ("brainmask",)
+    data: dict[str, Any] = {"image": _channel_first(can.array, can.affine, str(image))}
     if brainmask is not None:
         bm = to_canonical(brainmask, dtype=None)
-        data["brainmask"] = as_meta_tensor(bm.array, bm.affine, str(brainmask))
+        data["brainmask"] = _channel_first(bm.array, bm.affine, str(brainmask))
         mask_source = "file"
-    elif estimate_mask:
-        try:
-            estimated = estimate_brainmask(can.array, can.spacing)
-        except ValueError as e:
-            raise ValueError(f"{image}: no brain mask beside it and none can be estimated ({e})") from e
-        data["brainmask"] = as_meta_tensor(estimated, can.affine, f"{image} (estimated mask)")
-        mask_source = "estimated"
-    else:
+    elif not estimate_mask:
         raise ValueError(f"{image}: no brain mask given")
-    label_keys: tuple[str, ...] = ()
+    else:
+        mask_source = "estimated"
     label_split = False
     if label is not None:
-        data["label"], label_split = load_lesion_labels(label)
-        label_keys = ("label",)
-    d = preprocessing(keys=("image",), mask_keys=mask_keys, label_keys=label_keys, lower=lower, upper=upper,
+        lab, label_split = load_lesion_labels(label)
+        data["label"] = _channel_first(lab, lab.affine.numpy(), str(label))
+    mask_keys = ("brainmask",) if "brainmask" in data else ()
+    label_keys = ("label",) if "label" in data else ()
+    # mask and label on the image's grid, checked before any resampling
+    CheckSWId(("image",), mask_keys=mask_keys, label_keys=label_keys)(data)
+    resampled = not _at_spacing(can.spacing, spacing)
+    if resampled:
+        data = resample_to_spacing(data, spacing, ("image",), mask_keys + label_keys)  # type: ignore[arg-type]
+    affine = np.asarray(data["image"].affine, dtype=np.float64)
+    if mask_source == "estimated":
+        try:
+            estimated = _estimate_mask(np.asarray(data["image"][0]), canonical_spacing(affine), affine)
+        except ValueError as e:
+            raise ValueError(f"{image}: no brain mask beside it and none can be estimated ({e})") from e
+        data["brainmask"] = _channel_first(estimated.astype(np.uint8), affine, f"{image} (estimated mask)")
+    d = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=label_keys, lower=lower, upper=upper,
                       load=False)(data)
     return {
         "image": d["image"],
         "brainmask": d["brainmask"],
         "label": d.get("label"),
-        "spacing": tuple(float(s) for s in can.spacing),
-        "affine": np.asarray(can.affine, dtype=np.float64),
+        "spacing": tuple(float(s) for s in canonical_spacing(affine)),
+        "affine": affine,
         "canonical": can,
+        "resampled": resampled,
         "id": scan_id or scan_id_of(image),
         "source": str(image),
         "mask_source": mask_source,

@@ -12,21 +12,24 @@ from typing import Any
 import numpy as np
 import torch
 
-from cmb_synthesis.data.batch import BatchInferenceError, BatchJob, run_batch
+from cmb_synthesis.data.batch import SUMMARY_JSON, BatchInferenceError, BatchJob, run_batch
 from cmb_synthesis.data.datalist import load_split
 from cmb_synthesis.data.io import PathLike
 from cmb_synthesis.data.naming import find_brainmask, find_inputs, unique_scan_ids
-from cmb_synthesis.data.scans import load_scan, write_like
-from cmb_synthesis.detection.candidates import scan_candidates, to_source_voxels
+from cmb_synthesis.data.scans import load_scan
+from cmb_synthesis.progress import progress
+from cmb_synthesis.detection.candidates import scan_candidates
+from cmb_synthesis.detection.operating_point import detections_at, load_operating_point, resolve_threshold
+from cmb_synthesis.detection.outputs import (detection_rows, draw_balls, qc_montage, read_detections_csv, to_world,
+                                             world_to_voxels, write_detections_csv, write_in_input_grid)
 from cmb_synthesis.evaluation.froc import evaluate
 from cmb_synthesis.evaluation.hits import match_candidates
 from cmb_synthesis.evaluation.report import candidate_rows, read_candidates_csv, write_candidates_csv, write_report
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.patches import CandidatePatchesd
-from transforms.spacing import half_widths, snap_spacing, within_radius
 
-__all__ = ["load_classifier", "predict_patches", "detect_scan", "probability_map", "run_evaluation",
-           "run_inference", "BatchInferenceError"]
+__all__ = ["load_classifier", "predict_patches", "detect_scan", "run_evaluation", "run_inference",
+           "BatchInferenceError", "SUMMARY_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,29 +83,17 @@ def detect_scan(
     return coords, predict_patches(network, patches, batch_size, device), scores
 
 
-def probability_map(shape: Sequence[int], coords: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
-                    radius_mm: float = 1.5) -> np.ndarray:
-    """(X, Y, Z) float32 map: each candidate's probability on a ball of ``radius_mm`` around it (max where
-    balls overlap), 0 elsewhere."""
-    out = np.zeros(tuple(int(s) for s in shape), np.float32)
-    spacing = snap_spacing(spacing)  # floating-point noise in the spacing does not change the ball
-    half = half_widths(radius_mm, spacing)
-    grid = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1).reshape(-1, 3)
-    ball = grid[within_radius(grid, spacing, radius_mm)]
-    order = np.argsort(probs, kind="stable")  # ascending: higher probabilities written last (max)
-    for c, p in zip(np.asarray(coords)[order], np.asarray(probs)[order]):
-        pts = c[None] + ball
-        ok = np.all((pts >= 0) & (pts < np.array(out.shape)), axis=1)
-        pts = pts[ok]
-        out[pts[:, 0], pts[:, 1], pts[:, 2]] = np.maximum(out[pts[:, 0], pts[:, 1], pts[:, 2]], p)
-    return out
+def _mapped(scan: Mapping[str, Any], coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Candidates of the detector's grid -> ``(world (N, 3) RAS mm, input-file voxels (N, 3) int64)``."""
+    can = scan["canonical"]
+    world = to_world(coords, scan["affine"])
+    return world, world_to_voxels(world, can.source_affine, can.source_shape)
 
 
 def _rows(scan: Mapping[str, Any], coords: np.ndarray, probs: np.ndarray) -> list[dict[str, Any]]:
-    """candidates.csv rows in the input file's voxel grid and world coordinates."""
-    can = scan["canonical"]
-    src = to_source_voxels(coords, scan["affine"], can.source_affine)
-    return candidate_rows(Path(scan["source"]).name, src, probs, can.source_affine)
+    """candidates.csv rows in the input file's voxel grid (nearest voxel) and world coordinates of that voxel."""
+    _, src = _mapped(scan, coords)
+    return candidate_rows(Path(scan["source"]).name, src, probs, scan["canonical"].source_affine)
 
 
 def run_evaluation(
@@ -118,20 +109,27 @@ def run_evaluation(
     batch_size: int = 128,
     device: Any = "cpu",
     extra: Mapping[str, Any] | None = None,
+    spacing: Sequence[float] | None = None,
+    operating_point: PathLike | None = None,
+    model_path: PathLike | None = None,
 ) -> dict[str, Any]:
     """Detect on every scan of ``split`` and write the FROC report.
 
-    Writes into ``output_dir`` (atomically): ``candidates.csv`` (image, i, j, k in the image file's voxel grid,
-    x, y, z world mm, probability), ``metrics.json`` (``cmb_synthesis.froc.evaluate`` plus a ``candidate_stage``
-    block: candidate sensitivity and candidates per scan, and ``extra``), ``froc.csv`` and ``froc.png``.
-    A datalist naming a missing file raises ``FileNotFoundError`` naming it before anything is computed.
+    Every scan is resampled to ``spacing`` (the training grid, None: its own voxels) as in training and
+    inference. Writes into ``output_dir`` (atomically): ``candidates.csv`` (image, i, j, k in the image file's
+    voxel grid, x, y, z world mm, probability), ``metrics.json`` (``cmb_synthesis.froc.evaluate`` plus a
+    ``candidate_stage`` block: candidate sensitivity and candidates per scan, ``extra``, and, when the model's
+    ``operating_point`` file exists, an ``operating_point`` block: the saved threshold with its validation
+    sensitivity / FP per scan and the sensitivity / FP per scan it gives on this split), ``froc.csv`` and
+    ``froc.png``. A datalist naming a missing file raises ``FileNotFoundError`` naming it before anything is
+    computed.
     """
     items = load_split(datalist, split)
     if not items:
         raise ValueError(f"{datalist}: split {split!r} is empty")
     results, rows, n_cand = [], [], []
-    for it in items:
-        scan = load_scan(it["image"], it.get("brainmask"), it.get("label"), scan_id=it.get("id"))
+    for it in progress(items, f"evaluation ({split})"):
+        scan = load_scan(it["image"], it.get("brainmask"), it.get("label"), scan_id=it.get("id"), spacing=spacing)
         if scan["label"] is None:
             raise ValueError(f"{datalist}: {split} item {it['image']} has no label to evaluate against")
         coords, probs, _ = detect_scan(network, scan, patch_size, frst, cache_dir, batch_size, device)
@@ -149,6 +147,14 @@ def run_evaluation(
     metrics["candidate_stage"] = {"candidate_sensitivity": hit / n_les if n_les else None, "n_lesions_hit": hit,
                                   "candidates_per_scan_mean": float(np.mean(n_cand)),
                                   "candidates_per_scan_max": int(np.max(n_cand))}
+    metrics["spacing"] = None if spacing is None else [float(v) for v in spacing]
+    if operating_point is not None and Path(operating_point).is_file():
+        op = load_operating_point(operating_point, model_path)
+        metrics["operating_point"] = {
+            "source": str(operating_point), "threshold": float(op["threshold"]),
+            "fp_per_scan_target": op.get("fp_per_scan_target"),
+            "validation": {"sensitivity": op.get("sensitivity"), "fp_per_scan": op.get("fp_per_scan")},
+            split: detections_at(results, float(op["threshold"]))}
     metrics.update({"split": split, "datalist": str(datalist), **dict(extra or {})})
     write_report(metrics, out)
     logger.info("evaluation on %s (%d scans, %d lesions): sensitivity at 10 FP/scan %s, CPM %.3f; report in %s",
@@ -157,9 +163,31 @@ def run_evaluation(
     return metrics
 
 
-def _rows_of(job: BatchJob) -> dict[str, Any]:
-    """Summary info of a skipped scan: the candidates in its existing ``<id>_candidates.csv``."""
-    return {"n": len(read_candidates_csv(job.outputs["candidates"]))}
+def _counts_of(job: BatchJob) -> dict[str, Any]:
+    """Summary info of a skipped scan: the rows of its existing ``<id>_detections.csv`` / ``_candidates.csv``."""
+    n_det = len(read_detections_csv(job.outputs["detections"]))
+    n_cand = len(read_candidates_csv(job.outputs["candidates"]))
+    return {"n_detections": n_det, "n_candidates": n_cand,
+            "message": f"outputs exist ({n_det} detections; use overwrite to replace them)"}
+
+
+def _check_previous_threshold(out: Path, threshold: float, overwrite: bool) -> None:
+    """Refuse to mix detections of two thresholds in one output folder (skipped scans keep their outputs)."""
+    import json
+
+    prev = out / SUMMARY_JSON
+    if overwrite or not prev.is_file():
+        return
+    try:
+        before = json.loads(prev.read_text()).get("threshold")
+    except (OSError, ValueError):
+        return
+    if before is not None and not np.isclose(float(before), threshold, rtol=0, atol=1e-12):
+        raise ValueError(f"{out}: holds detections at threshold {float(before):.6g}, this run uses {threshold:.6g}; "
+                         "pass --overwrite true to redo every scan, or another --output_dir")
+
+
+SUMMARY_COLUMNS = ("id", "status", "n_detections", "n_candidates", "message")
 
 
 def run_inference(
@@ -173,47 +201,106 @@ def run_inference(
     device: Any = "cpu",
     prob_radius_mm: float = 1.5,
     overwrite: bool = False,
+    spacing: Sequence[float] | None = None,
+    threshold: float | None = None,
+    fp_per_scan: float | None = None,
+    operating_point: PathLike | None = None,
+    model_path: PathLike | None = None,
+    detection_radius_mm: float = 1.5,
+    qc_slabs: int = 6,
 ) -> dict[str, Any]:
     """Detect CMBs on every SWI in ``dataset_dir`` (NIfTI files or DICOM series folders).
 
     Per scan ``<id>`` (``<id>_swi.nii.gz`` -> ``<id>``; ids that clash, e.g. ``x.nii.gz`` beside
     ``x_swi.nii.gz``, are made unique from the file name, see :func:`cmb_synthesis.data.naming.unique_scan_ids`):
-    brain mask ``<id>_brainmask.nii.gz`` beside it when present, else :func:`estimate_brainmask`; writes
-    ``<id>_cmb_prob.nii.gz`` (float32 candidate probabilities on balls of ``prob_radius_mm``, in the input's
-    voxel grid, affine and header) and ``<id>_candidates.csv`` (that scan's rows), together (one unit). The
-    batch (output folder checks, skip unless ``overwrite``, ``inference_summary.json`` and ``summary.csv``,
-    ``n`` = candidates) is :func:`cmb_synthesis.data.batch.run_batch`; an output folder inside ``dataset_dir``
-    is not read as an input. After all scans ``candidates.csv`` is rebuilt from the ``<id>_candidates.csv`` of
-    every scan that has one (written now or by an earlier run), so a failed rerun never loses rows. If any scan
-    failed, :class:`BatchInferenceError` is raised at the end (non-zero exit of ``monai.bundle run``).
+    the scan is reoriented to RAS and resampled to ``spacing`` (the training grid); brain mask
+    ``<id>_brainmask.nii.gz`` beside it when present (resampled, nearest neighbour), else
+    :func:`cmb_synthesis.data.brainmask.estimate_brainmask` on the resampled image; FRST candidates and the
+    classifier run on that grid; candidates with probability ``>= threshold`` are the detections. Outputs,
+    written together as one unit (:func:`cmb_synthesis.data.batch.run_batch`):
+
+    - ``<id>_detections.csv``: one row per detection, by decreasing probability (``id, label, x, y, z, i, j, k,
+      probability``: world RAS mm of the candidate, the input file's nearest voxel, ``label`` = row number);
+    - ``<id>_detections.nii.gz``: uint16 instance labels (label k = row k) on balls of ``detection_radius_mm``,
+      in the input's grid, affine and header;
+    - ``<id>_qc.png``: axial MinIP montage (``qc_slabs`` slabs) of the resampled scan, detections circled and
+      numbered;
+    - ``<id>_cmb_prob.nii.gz``: float32 probability of every candidate on balls of ``prob_radius_mm`` in the
+      input's grid, and ``<id>_candidates.csv`` (all candidates, ``image, i, j, k, x, y, z, probability``).
+
+    Threshold (:func:`cmb_synthesis.detection.operating_point.resolve_threshold`): ``threshold`` as given,
+    else ``fp_per_scan`` looked up on the validation FROC saved in ``operating_point``, else the saved
+    operating point; neither a file nor ``threshold`` is an error before any scan is read. The file must
+    belong to ``model_path`` (sha256) and its training spacing must be ``spacing``.
+
+    The batch: ``summary.csv`` (``id, status, n_detections, n_candidates, message``), ``inference_summary.json``
+    (the threshold, its source, the spacing, per-scan entries), and, after all scans, ``detections.csv`` and
+    ``candidates.csv`` rebuilt from every scan's files in the folder (written now or by an earlier run). A scan
+    whose outputs all exist is skipped unless ``overwrite`` (a folder made at another threshold is refused). If
+    any scan failed, :class:`BatchInferenceError` is raised at the end (non-zero exit of ``monai.bundle run``).
     """
     out = Path(output_dir)
+    decision = resolve_threshold(threshold, fp_per_scan, operating_point, model_path)
+    if spacing is not None and decision.get("spacing") is not None and not np.allclose(
+            np.asarray(decision["spacing"], float), np.asarray(spacing, float), rtol=1e-3):
+        raise ValueError(f"{decision['operating_point']}: the model was trained at spacing {decision['spacing']} mm, "
+                         f"this run resamples to {list(spacing)} mm; use the training spacing (--spacing)")
+    thr = float(decision["threshold"])
     inputs = find_inputs(dataset_dir, exclude=(out,))
     if not inputs:
         raise ValueError(f"{dataset_dir}: no SWI inputs (NIfTI files or DICOM folders) found")
+    _check_previous_threshold(out, thr, overwrite)
+    logger.info("detection threshold %.4f (%s)", thr, decision["source"])
     jobs = []
     for sid, path in zip(unique_scan_ids(inputs), inputs):
         mask = find_brainmask(path) if path.is_file() else None
-        jobs.append(BatchJob(sid, str(path), {"probability_map": out / f"{sid}_cmb_prob.nii.gz",
+        jobs.append(BatchJob(sid, str(path), {"detections": out / f"{sid}_detections.csv",
+                                               "detection_labels": out / f"{sid}_detections.nii.gz",
+                                               "qc": out / f"{sid}_qc.png",
+                                               "probability_map": out / f"{sid}_cmb_prob.nii.gz",
                                                "candidates": out / f"{sid}_candidates.csv"},
                              inputs=tuple(str(p) for p in (path, mask) if p is not None), extra={"mask": mask}))
 
     def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
-        scan = load_scan(job.image, job.extra["mask"], scan_id=job.id)
+        scan = load_scan(job.image, job.extra["mask"], scan_id=job.id, spacing=spacing)
+        can = scan["canonical"]
         coords, probs, _ = detect_scan(network, scan, patch_size, frst, cache_dir, batch_size, device)
-        pmap = probability_map(scan["image"].shape[1:], coords, probs, scan["spacing"], prob_radius_mm)
-        write_like(pmap, scan["canonical"], tmp["probability_map"], dtype=np.float32, overwrite=True, inputs=job.inputs)
+        world, _ = _mapped(scan, coords)
+        pmap = draw_balls(can.source_shape, can.source_affine, world, probs, prob_radius_mm, np.float32, "max")
+        write_in_input_grid(pmap, can, tmp["probability_map"])
         write_candidates_csv(_rows(scan, coords, probs), tmp["candidates"])
+        keep = probs >= thr
+        order = np.argsort(-probs[keep], kind="stable")
+        det_coords, det_world, det_probs = coords[keep][order], world[keep][order], probs[keep][order]
+        rows = detection_rows(job.id, det_world, det_probs, can.source_affine, can.source_shape)
+        write_detections_csv(rows, tmp["detections"])
+        n = len(rows)
+        if n > np.iinfo(np.uint16).max:  # pragma: no cover - at most max_candidates detections
+            raise ValueError(f"{job.image}: {n} detections do not fit uint16 labels")
+        labels = draw_balls(can.source_shape, can.source_affine, det_world, np.arange(1, n + 1), detection_radius_mm,
+                            np.uint16, "first")
+        write_in_input_grid(labels, can, tmp["detection_labels"])
+        qc_montage(np.asarray(scan["image"][0]), scan["spacing"], det_coords, np.arange(1, n + 1), tmp["qc"],
+                   title=f"{job.id}: {n} detection(s) at p >= {thr:.3f} ({decision['source']}); "
+                         f"{scan['mask_source']} brain mask", n_slabs=qc_slabs)
         top = float(probs.max()) if len(probs) else 0.0
-        return {"n": int(len(coords)), "mask": scan["mask_source"], "max_probability": top,
-                "message": f"{len(coords)} candidates, max probability {top:.3f}, {scan['mask_source']} brain mask"}
+        return {"n_detections": n, "n_candidates": int(len(coords)), "mask": scan["mask_source"],
+                "resampled": bool(scan["resampled"]), "max_probability": top,
+                "message": f"{n} detections, {len(coords)} candidates (max probability {top:.3f}), "
+                           f"{scan['mask_source']} brain mask"}
 
     def combine(summary: dict[str, Any]) -> None:
-        rows: list[dict[str, Any]] = []
+        cand: list[dict[str, Any]] = []
+        det: list[dict[str, Any]] = []
         for job in jobs:
             if job.outputs["candidates"].is_file():
-                rows += read_candidates_csv(job.outputs["candidates"])
-        write_candidates_csv(rows, out / "candidates.csv")
+                cand += read_candidates_csv(job.outputs["candidates"])
+            if job.outputs["detections"].is_file():
+                det += read_detections_csv(job.outputs["detections"])
+        write_candidates_csv(cand, out / "candidates.csv")
+        write_detections_csv(det, out / "detections.csv")
 
-    return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(dataset_dir,), existing=_rows_of,
-                     finalize=combine)
+    extra = {"threshold": thr, "threshold_source": decision["source"], "decision": decision,
+             "spacing": None if spacing is None else [float(v) for v in spacing]}
+    return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(dataset_dir,), existing=_counts_of,
+                     finalize=combine, summary_extra=extra, summary_columns=SUMMARY_COLUMNS, desc="detection")

@@ -22,7 +22,8 @@ from cmb_synthesis.data.io import PathLike
 from cmb_synthesis.data.scans import load_scan
 from cmb_synthesis.detection.candidates import label_candidates, scan_candidates
 from cmb_synthesis.evaluation.froc import evaluate
-from cmb_synthesis.evaluation.hits import scan_result
+from cmb_synthesis.evaluation.hits import ScanResult, scan_result
+from cmb_synthesis.progress import progress
 from transforms.augment import classical_augmentation
 from transforms.patches import CandidatePatchesd
 
@@ -70,6 +71,7 @@ def build_candidate_set(
     frst: Mapping[str, Any] | None = None,
     cache_dir: PathLike | None = None,
     name: str = "candidates",
+    spacing: Sequence[float] | None = None,
 ) -> CandidateSet:
     """Candidates, hit-rule targets and candidate-centred patches of every scan in ``items``.
 
@@ -78,15 +80,17 @@ def build_candidate_set(
             absent for healthy scans: all their candidates are negatives), optional ``id`` and ``group``.
         patch_size: patch size (PX, PY, PZ), centred on the candidate (``transforms.patches.CandidatePatchesd``).
         frst, cache_dir: see :func:`scan_candidates`.
-        name: used in the log line.
+        name: used in the log line (and the progress line).
+        spacing: the classifier's grid (mm, train.yaml ``spacing``): every scan is resampled to it
+            (:func:`cmb_synthesis.data.scans.load_scan`); None keeps each scan's voxels.
 
     Raises:
         FileNotFoundError / ValueError naming the file of a bad item (a training set is not silently thinned).
     """
     extract = CandidatePatchesd(keys=("image",), candidates_key="candidates", patch_size=patch_size)
     out = CandidateSet()
-    for n, it in enumerate(items):
-        scan = load_scan(it["image"], it.get("brainmask"), it.get("label"), scan_id=it.get("id"))
+    for n, it in enumerate(progress(list(items), f"{name} candidates")):
+        scan = load_scan(it["image"], it.get("brainmask"), it.get("label"), scan_id=it.get("id"), spacing=spacing)
         coords, scores = scan_candidates(scan, frst, cache_dir)
         if scan["label"] is not None:
             targets, lesion_ids = label_candidates(coords, scan["label"])
@@ -214,12 +218,16 @@ class CandidateCPM(Metric):
     :class:`CandidateSet`) and a probability in the output's ``pred``. At the end, each scan's lesions
     (``scans``: the set's per-scan inventory, so lesions that no candidate hit count as missed) are matched
     (best probability per lesion, other candidates are FPs) and ``cmb_synthesis.froc.evaluate`` gives the CPM
-    (mean sensitivity at 1/8 ... 8 FP/scan). Returns 0.0 when the scans hold no lesion.
+    (mean sensitivity at 1/8 ... 8 FP/scan). Returns 0.0 when the scans hold no lesion. The per-scan results
+    stay in ``last_results`` (the operating point saved with the best model is computed from them,
+    :class:`cmb_synthesis.detection.operating_point.OperatingPointWriter`).
     """
 
     def __init__(self, scans: Sequence[Mapping[str, Any]], pred_key: str = "pred", device: Any = "cpu") -> None:
         self.scans = list(scans)
         self.pred_key = pred_key
+        #: the per-scan results of the last :meth:`compute` (read by the operating-point handler)
+        self.last_results: list[ScanResult] = []
         super().__init__(output_transform=lambda x: x, device=device)
 
     def reset(self) -> None:
@@ -254,6 +262,7 @@ class CandidateCPM(Metric):
                 extra = max(0, int(sc["n_lesions"]) - len(ids))
                 ids = np.concatenate([ids, int(ids.max(initial=0)) + 1 + np.arange(extra)])
             results.append(scan_result(str(sc["id"]), hits, probs[scan_idx == i], ids))
+        self.last_results = results
         if sum(len(r.lesion_scores) for r in results) == 0:
             logger.warning("CandidateCPM: validation scans hold no lesion; CPM set to 0")
             return 0.0
