@@ -22,7 +22,7 @@ EVALUATE = ["train.yaml", "evaluate.yaml"]
 INFERENCE = ["train.yaml", "inference.yaml"]
 # what train.yaml alone defines: the network, the candidate and patch settings, the device and the folders
 TRAIN_ONLY = {"network_def", "network_name", "channels", "strides", "num_res_units", "dropout", "patch_size", "frst",
-              "device", "bundle_root", "ckpt_dir", "cache_dir", "datalist", "seed"}
+              "device", "bundle_root", "ckpt_dir", "cache_dir", "datalist", "seed", "spacing", "operating_fp_per_scan"}
 
 
 def _run(key: str, configs: str | list[str], bundle_root: Path, **overrides) -> None:
@@ -31,6 +31,13 @@ def _run(key: str, configs: str | list[str], bundle_root: Path, **overrides) -> 
 
     files = [str(CONFIGS / c) for c in ([configs] if isinstance(configs, str) else configs)]
     run(key, config_file=files, bundle_root=str(bundle_root), **{**NET, **overrides})
+
+
+def _cause(err: BaseException) -> BaseException:
+    """The innermost cause of an exception (MONAI's config evaluation wraps errors in RuntimeErrors)."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
 
 
 def _forbid_training_data(monkeypatch) -> None:
@@ -105,8 +112,18 @@ def test_inference_overlay_needs_no_cohort_and_writes_nothing_into_the_bundle(tm
     nib.save(nib.Nifti1Image(vol, np.eye(4)), str(ext / "s1_swi.nii.gz"))
     nib.save(nib.Nifti1Image(mask, np.eye(4)), str(ext / "s1_brainmask.nii.gz"))
     root, out = tmp_path / "bundle", tmp_path / "out"
-    _run("inference", INFERENCE, root, model_path=str(tmp_path / "model.pt"), dataset_dir=str(ext), output_dir=str(out))
+    # no operating point saved with these weights: refused before any scan is read, unless --threshold is given
+    with pytest.raises(Exception) as info:  # MONAI's config evaluation wraps it in a RuntimeError
+        _run("inference", INFERENCE, root, model_path=str(tmp_path / "model.pt"), dataset_dir=str(ext),
+             output_dir=str(out))
+    assert "no operating point saved with the model" in str(_cause(info.value)) and "--threshold" in str(_cause(info.value))
+    assert not out.exists()
+    _run("inference", INFERENCE, root, model_path=str(tmp_path / "model.pt"), dataset_dir=str(ext), output_dir=str(out),
+         threshold=0.5)
     assert nib.load(str(out / "s1_cmb_prob.nii.gz")).shape == vol.shape
+    summary = json.loads((out / "inference_summary.json").read_text())
+    assert summary["threshold"] == 0.5 and summary["threshold_source"] == "--threshold"
+    assert summary["spacing"] == [0.98, 0.98, 1.0] and summary["written"][0]["resampled"]  # 1 mm input resampled
     with open(out / "candidates.csv", newline="") as f:
         assert [r["image"] for r in csv.DictReader(f)][:1] == ["s1_swi.nii.gz"]
     assert not root.exists() or not any(root.iterdir())
@@ -163,6 +180,15 @@ def test_training_mixes_real_and_synthetic_and_writes_checkpoints(trained):
     assert tc["n_scans"] == 7 and 0 < tc["n_positive"] < tc["n_candidates"]
     assert any((trained / "runs").iterdir())  # TensorBoard events
     assert list((trained / "data" / "candidate_cache").glob("*.npz"))
+    # the operating point of the best round, beside model.pt and tied to it
+    from cmb_synthesis.detection.operating_point import file_sha256
+
+    op = json.loads((models / "operating_point.json").read_text())
+    assert op["model_sha256"] == file_sha256(models / "model.pt") and op["fp_per_scan_target"] == 2.0
+    assert op["val_metric"] == pytest.approx(ckpt["best"]["best_metric"]) and op["epoch"] == ckpt["best"]["best_metric_epoch"]
+    assert op["spacing"] == [0.98, 0.98, 1.0] and op["patch_size"] == NET["patch_size"] and op["frst"]["max_candidates"] == 300
+    assert op["n_scans"] == 2 and op["n_lesions"] > 0 and op["fp_per_scan"] <= 2.0 and 0.0 <= op["threshold"]
+    assert len(op["froc"]["threshold"]) == len(op["froc"]["fp_per_scan"]) == len(op["froc"]["sensitivity"]) > 1
 
 
 
@@ -183,6 +209,11 @@ def test_resume_continues_and_keeps_the_best_model(trained, tiny_cohort, synthet
     score = hist[0]["metrics"]["val_cpm"]
     assert ckpt["best"]["best_metric"] == pytest.approx(max(best, score))
     assert ((root / "models" / "model.pt").read_bytes() == before) == (score <= best)
+    from cmb_synthesis.detection.operating_point import file_sha256
+
+    op = json.loads((root / "models" / "operating_point.json").read_text())
+    assert op["model_sha256"] == file_sha256(root / "models" / "model.pt")
+    assert op["epoch"] == (3 if score > best else ckpt["best"]["best_metric_epoch"])
 
 @pytest.mark.e2e
 def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort, monkeypatch):
@@ -199,6 +230,10 @@ def test_evaluating_writes_a_well_formed_froc_report(trained, tiny_cohort, monke
     assert m["n_scans"] == 2 and m["n_lesions"] > 0 and 0.0 <= m["cpm"] <= 1.0
     assert "value" in m["fp_per_scan_at_sensitivity_90"] and "ci95" in m["fp_per_scan_at_sensitivity_90"]
     assert 0.0 < m["candidate_stage"]["candidate_sensitivity"] <= 1.0
+    op = json.loads((trained / "models" / "operating_point.json").read_text())
+    assert m["operating_point"]["threshold"] == op["threshold"] and m["spacing"] == [0.98, 0.98, 1.0]
+    assert set(m["operating_point"]["test"]) == {"threshold", "sensitivity", "fp_per_scan", "n_lesions_detected",
+                                                 "n_false_positives"}
     with open(out / "froc.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert rows and {"threshold", "fp_per_scan", "sensitivity"} <= set(rows[0])
@@ -240,13 +275,23 @@ def test_inference_writes_outputs_in_the_input_space_and_reports_a_bad_scan(trai
     assert summary["n_inputs"] == 3 and not summary["skipped"]
     assert [f["id"] for f in summary["failed"]] == ["broken"] and "not a readable NIfTI" in summary["failed"][0]["error"]
     assert {p["id"]: p["mask"] for p in summary["written"]} == {"ext1": "file", "ext2": "estimated"}
+    assert summary["threshold_source"] == "saved operating point" and summary["spacing"] == [0.98, 0.98, 1.0]
     for p in summary["written"]:
-        assert p["outputs"] == {"probability_map": str(out / f"{p['id']}_cmb_prob.nii.gz"),
-                                "candidates": str(out / f"{p['id']}_candidates.csv")}
-        assert p["n"] == len((out / f"{p['id']}_candidates.csv").read_text().splitlines()) - 1
+        sid = p["id"]
+        assert p["outputs"] == {"detections": str(out / f"{sid}_detections.csv"),
+                                "detection_labels": str(out / f"{sid}_detections.nii.gz"),
+                                "qc": str(out / f"{sid}_qc.png"),
+                                "probability_map": str(out / f"{sid}_cmb_prob.nii.gz"),
+                                "candidates": str(out / f"{sid}_candidates.csv")}
+        assert p["n_candidates"] == len((out / f"{sid}_candidates.csv").read_text().splitlines()) - 1
+        assert p["n_detections"] == len((out / f"{sid}_detections.csv").read_text().splitlines()) - 1
+        assert (out / f"{sid}_qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "summary.csv", newline="") as f:
-        status = {r["id"]: (r["status"], r["n"]) for r in csv.DictReader(f)}
-    assert status == {"broken": ("failed", ""), **{p["id"]: ("written", str(p["n"])) for p in summary["written"]}}
+        status = {r["id"]: (r["status"], r["n_detections"], r["n_candidates"]) for r in csv.DictReader(f)}
+    assert status == {"broken": ("failed", "", ""), **{p["id"]: ("written", str(p["n_detections"]), str(p["n_candidates"]))
+                                                      for p in summary["written"]}}
+    with open(out / "detections.csv", newline="") as f:  # the folder's table: every scan's detections
+        assert len(list(csv.DictReader(f))) == sum(p["n_detections"] for p in summary["written"])
     ref = nib.load(str(ext / "ext1_swi.nii.gz"))
     prob = nib.load(str(out / "ext1_cmb_prob.nii.gz"))
     assert prob.shape == ref.shape and np.allclose(prob.affine, ref.affine)
