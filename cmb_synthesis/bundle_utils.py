@@ -1,8 +1,11 @@
 """Helpers that bundle configs call through ``$`` expressions.
 
-Bundles in ``bundles/`` are run from the repository root (``--config_file bundles/NAME/configs/train.yaml``)
-or, model-zoo style, from inside the bundle (``--config_file configs/train.yaml``). :func:`bundle_root`
-finds the bundle folder in both cases so that ``models/``, ``logs/`` and the default dataset land inside it.
+Bundles in ``bundles/`` are run from the repository root (``--config_file bundles/NAME/configs/train.yaml``),
+model-zoo style from inside the bundle (``--config_file configs/train.yaml``), or from a copy of the bundle
+folder placed anywhere once the package is installed (``--config_file /elsewhere/NAME/configs/train.yaml``,
+optionally ``--bundle_root /elsewhere/NAME``). :func:`bundle_root` finds the bundle folder in every case (the
+parent of the first config file's ``configs/`` folder), so that ``models/``, ``runs/``, ``eval/`` and the
+default dataset land inside the bundle that runs, never in the repository or the working directory.
 :func:`command_line`, the first ``initialize`` entry of every config, refuses misspelt or ill-typed
 command-line overrides and makes a failing run end with one ``error: ...`` line
 (:mod:`cmb_synthesis.bundle_cli`).
@@ -18,7 +21,7 @@ from monai.bundle import ConfigParser
 
 from cmb_synthesis.bundle_cli import check_overrides, install_excepthook, parse_bundle_argv
 
-__all__ = ["bundle_root", "command_line", "is_bundle_main"]
+__all__ = ["bundle_root", "command_line", "is_bundle_main", "sibling_bundle"]
 
 _checked: set[tuple[str, ...]] = set()
 
@@ -88,3 +91,27 @@ def bundle_root(name: str, argv: Sequence[str] | None = None) -> str:
     if candidate.is_dir():
         return str(candidate)
     return str(cwd)
+
+
+def sibling_bundle(root: str | Path, name: str, override: str = "") -> str:
+    """Return the bundle folder ``name`` beside the bundle at ``root`` (``<parent of root>/<name>``).
+
+    The augmentation study of ``cmb_detection`` runs the ``cmb_synthesis`` bundle too; in the repository and in
+    a copy of both bundle folders side by side, it is the sibling folder. Configs use it as
+    ``synthesis_bundle: "$cmb_synthesis.bundle_utils.sibling_bundle(@bundle_root, 'cmb_synthesis', '--synthesis_bundle')"``.
+
+    Args:
+        root: the running bundle's folder (``@bundle_root``).
+        name: the other bundle's folder name.
+        override: the command-line option that points at the other bundle elsewhere (named in the error).
+
+    Raises:
+        FileNotFoundError: ``<parent>/<name>/configs/train.yaml`` does not exist; the message names the folder
+            searched and the override.
+    """
+    folder = Path(root).resolve().parent / name
+    if not (folder / "configs" / "train.yaml").is_file():
+        hint = f", or give {override} DIR" if override else ""
+        raise FileNotFoundError(f"{folder / 'configs' / 'train.yaml'}: the {name} bundle was not found beside "
+                                f"{Path(root).resolve()}; copy the {name} bundle folder there{hint}")
+    return str(folder)
