@@ -29,8 +29,11 @@ Candidate proposal from the map (local maxima, NMS, the MONAI transform ``FRSTCa
 
 from __future__ import annotations
 
-import threading
+import contextlib
+import functools
+import os
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
@@ -48,6 +51,9 @@ __all__ = [
     "DEFAULT_PRESMOOTH_SIGMA_MM",
     "DEFAULT_SNAP_RADIUS_MM",
     "kappa_for_radius",
+    "frst_margin",
+    "default_workers",
+    "auto_backend",
     "frst_3d",
 ]
 
@@ -66,10 +72,56 @@ def kappa_for_radius(n: float) -> float:
     return 8.0 if abs(float(n) - 1.0) < 1e-9 else 9.9
 
 
+def _gaussian_radius(sigma: float, truncate: float = 4.0) -> int:
+    """Half-width in voxels of :func:`_gaussian_kernel1d` (``int(truncate * sigma + 0.5)``, noise-robust)."""
+    return int(np.floor(round(truncate * float(sigma) + 0.5, RATIO_DECIMALS)))
+
+
+def frst_margin(
+    spacing: Sequence[float], radii_mm: Sequence[float], presmooth_sigma_mm: float = DEFAULT_PRESMOOTH_SIGMA_MM
+) -> tuple[int, int, int]:
+    """Voxels per axis beyond which a voter cannot influence the map: the largest vote offset plus the
+    half-width of that radius' Gaussian, plus the pre-smoothing half-width and 2 (the Sobel operator's
+    reach, and one voxel of safety). The map is 0 farther than this from every voter, and the gradient at a
+    voxel depends on the intensities within ``presmoothing + 1`` voxels only."""
+    spacing = snap_spacing(tuple(float(s) for s in spacing))
+    out = []
+    for ax in range(3):
+        reach = max(int(np.ceil(voxel_ratio(n, spacing)[ax])) + _gaussian_radius(0.25 * float(n) / spacing[ax])
+                    for n in radii_mm)
+        pre = _gaussian_radius(presmooth_sigma_mm / spacing[ax]) if presmooth_sigma_mm > 0 else 0
+        out.append(reach + pre + 2)
+    return tuple(out)
+
+
+def auto_backend() -> tuple[str, str | None]:
+    """``("torch", "cuda")`` when a CUDA device is available, else ``("numpy", None)`` (the fast CPU path)."""
+    return ("torch", "cuda") if torch.cuda.is_available() else ("numpy", None)
+
+
+def _mask_box(mask: np.ndarray | torch.Tensor, margin: Sequence[int]) -> tuple[slice, ...] | None:
+    """Bounding box of the non-zero voxels of ``mask`` widened by ``margin`` voxels per axis (clipped to the
+    volume); ``None`` for an empty mask."""
+    shape = tuple(mask.shape)
+    if isinstance(mask, torch.Tensor):
+        p01 = mask.any(dim=2)
+        proj = [p01.any(dim=1).cpu().numpy(), p01.any(dim=0).cpu().numpy(), mask.any(dim=0).any(dim=0).cpu().numpy()]
+    else:
+        p01 = mask.any(axis=2)
+        proj = [p01.any(axis=1), p01.any(axis=0), mask.any(axis=(0, 1))]
+    box = []
+    for ax in range(3):
+        idx = np.flatnonzero(proj[ax])
+        if not len(idx):
+            return None
+        box.append(slice(max(0, int(idx[0]) - margin[ax]), min(shape[ax], int(idx[-1]) + 1 + margin[ax])))
+    return tuple(box)
+
+
 def _gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> np.ndarray:
     """The same normalised kernel as ``scipy.ndimage.gaussian_filter1d`` (radius ``int(truncate*sigma+0.5)``,
     the argument rounded to ``RATIO_DECIMALS`` decimals so that spacing noise cannot change the radius)."""
-    radius = int(np.floor(round(truncate * float(sigma) + 0.5, RATIO_DECIMALS)))
+    radius = _gaussian_radius(sigma, truncate)
     x = np.arange(-radius, radius + 1, dtype=np.float64)
     phi = np.exp(-0.5 / float(sigma) ** 2 * x**2)
     return phi / phi.sum()
@@ -85,6 +137,171 @@ def _check_volume(volume: Any, spacing: Sequence[float], radii_mm: Sequence[floa
 
 
 # ----------------------------------------------------------------------------------------------- numpy
+# The numpy backend works on slabs of a few planes along axis 0 (about 1 MiB per array, so that a slab's
+# temporaries stay in the CPU cache), in ``workers`` threads: NumPy, SciPy and BLAS release the GIL. Passes
+# along axes 1 and 2 of a slab need no other slab; a pass along axis 0 reads a halo of planes. The Gaussian
+# passes along axes 0 and 1 are products with banded matrices (the mirror boundary folded in, one BLAS call
+# per block), along axis 2 ``scipy.ndimage.correlate1d``; the per-radius passes along axis 0 and the sum
+# over radii are one product per slab.
+
+def default_workers() -> int:
+    """Threads of the numpy backend when ``workers`` is not given: torch's intra-op thread count (it follows
+    ``OMP_NUM_THREADS``), at most the CPUs this process may use, and at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(cpus, torch.get_num_threads(), 4))
+
+
+def _blas_single_thread():
+    """Context limiting BLAS to one thread (our own threads share the cores); no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=1, user_api="blas")
+
+
+def _slabs(shape: Sequence[int], itemsize: int, nbytes: int = 1 << 20) -> list[tuple[int, int]]:
+    """``(start, stop)`` planes along axis 0 of about ``nbytes`` per array (at least one plane each)."""
+    rows = max(1, nbytes // max(int(np.prod(shape[1:])) * itemsize, 1))
+    return [(a, min(a + rows, shape[0])) for a in range(0, shape[0], rows)]
+
+
+def _run(fn: Any, items: Sequence[Any], workers: int) -> None:
+    """``fn(item)`` for every item, in ``workers`` threads (in this thread for one worker or one item)."""
+    if workers <= 1 or len(items) <= 1:
+        for it in items:
+            fn(it)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as ex:
+        for _ in ex.map(fn, items):  # re-raises the first error
+            pass
+
+
+def _take(ndim: int, axis: int, start: int, stop: int) -> tuple[slice, ...]:
+    sl = [slice(None)] * ndim
+    sl[axis] = slice(start, stop)
+    return tuple(sl)
+
+
+def _reflect_index(start: int, stop: int, n: int) -> np.ndarray:
+    """Indices ``start..stop-1`` folded into ``[0, n)`` as scipy's ``mode='reflect'`` (d c b a | a b c d | d c b a)."""
+    i = np.remainder(np.arange(start, stop), 2 * n)
+    return np.where(i < n, i, 2 * n - 1 - i)
+
+
+def _rows(x: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Planes ``start..stop-1`` of ``x`` along axis 0, mirrored beyond its ends (a view when inside)."""
+    if start >= 0 and stop <= x.shape[0]:
+        return x[start:stop]
+    return x[_reflect_index(start, stop, x.shape[0])]
+
+
+def _smooth121(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
+    """``out = correlate1d(x, [1, 2, 1], axis, mode='reflect')`` (Sobel's smoothing pass)."""
+    n, nd = x.shape[axis], x.ndim
+    if n == 1:
+        return np.multiply(x, 4, out=out)
+    s = lambda a, b: _take(nd, axis, a, b)  # noqa: E731
+    mid, first, last = out[s(1, n - 1)], out[s(0, 1)], out[s(n - 1, n)]
+    np.add(x[s(0, n - 2)], x[s(2, n)], out=mid)
+    mid += x[s(1, n - 1)]
+    mid += x[s(1, n - 1)]
+    np.multiply(x[s(0, 1)], 3, out=first)  # mirror: x[-1] = x[0]
+    first += x[s(1, 2)]
+    np.multiply(x[s(n - 1, n)], 3, out=last)
+    last += x[s(n - 2, n - 1)]
+    return out
+
+
+def _diff101(x: np.ndarray, axis: int, out: np.ndarray) -> np.ndarray:
+    """``out = correlate1d(x, [-1, 0, 1], axis, mode='reflect')`` (Sobel's derivative pass)."""
+    n, nd = x.shape[axis], x.ndim
+    if n == 1:
+        out[...] = 0
+        return out
+    s = lambda a, b: _take(nd, axis, a, b)  # noqa: E731
+    np.subtract(x[s(2, n)], x[s(0, n - 2)], out=out[s(1, n - 1)])
+    np.subtract(x[s(1, 2)], x[s(0, 1)], out=out[s(0, 1)])
+    np.subtract(x[s(n - 1, n)], x[s(n - 2, n - 1)], out=out[s(n - 1, n)])
+    return out
+
+
+def _sobel_slab(v: np.ndarray, a: int, b: int, scale: Sequence[float], g: Sequence[np.ndarray]) -> None:
+    """Sobel gradient components (times ``scale[k]``) of planes ``a..b-1`` of ``v`` into ``g[k][a:b]``.
+
+    The nine 1-D passes of three ``scipy.ndimage.sobel`` calls become eight: ``S_z v`` is shared by
+    ``g_x = D_x S_y S_z v`` and ``g_y = S_x D_y S_z v`` (``S`` = [1, 2, 1], ``D`` = [-1, 0, 1])."""
+    c = _rows(v, a - 1, b + 1)  # one plane of halo on each side for the passes along axis 0
+    t1, t2, t3 = np.empty_like(c), np.empty_like(c), np.empty_like(c)
+    _smooth121(c, 2, t1)  # S_z v
+    _smooth121(t1, 1, t2)  # S_y S_z v
+    _diff101(t2, 0, t3)  # D_x S_y S_z v (its first and last planes, the halo, are unused)
+    np.multiply(t3[1:-1], scale[0], out=g[0][a:b])
+    _diff101(t1, 1, t2)  # D_y S_z v
+    _smooth121(t2, 0, t3)  # S_x D_y S_z v
+    np.multiply(t3[1:-1], scale[1], out=g[1][a:b])
+    _diff101(c, 2, t1)  # D_z v
+    _smooth121(t1, 1, t2)  # S_y D_z v
+    _smooth121(t2, 0, t3)  # S_x S_y D_z v
+    np.multiply(t3[1:-1], scale[2], out=g[2][a:b])
+
+
+@functools.lru_cache(maxsize=64)
+def _axis_matrix(n: int, weights: tuple[float, ...]) -> np.ndarray:
+    """(n, n) float64 matrix ``K`` with ``K @ x == correlate1d(x, weights, mode='reflect')`` for a length-n
+    signal ``x`` (odd-length weights; banded, the mirrored boundary folded into its first and last rows)."""
+    r = len(weights) // 2
+    k = np.zeros((n, n), np.float64)
+    w = np.asarray(weights, np.float64)
+    for i in range(n):
+        np.add.at(k[i], _reflect_index(i - r, i + r + 1, n), w)
+    return k
+
+
+def _band(n: int, r: int, a: int, b: int) -> tuple[int, int]:
+    """Columns ``[lo, hi)`` of an :func:`_axis_matrix` (half-width ``r``) that rows ``a..b-1`` use."""
+    return (max(0, a - r), min(n, b + r)) if r < n else (0, n)
+
+
+def _smooth_yz(s: np.ndarray, kz: np.ndarray, ky: np.ndarray, out: np.ndarray, block: int = 32) -> None:
+    """``out = correlate1d(correlate1d(s, kz, axis=2), ky, axis=1)`` (mirror boundary) for a slab ``s``;
+    the pass along axis 1 as banded matrix products of ``block`` rows."""
+    t = ndimage.correlate1d(s, kz, axis=2, mode="reflect")
+    n, r = s.shape[1], len(ky) // 2
+    k = _axis_matrix(n, tuple(float(w) for w in ky)).astype(s.dtype)
+    for a in range(0, n, block):
+        b = min(a + block, n)
+        lo, hi = _band(n, r, a, b)
+        np.matmul(k[a:b, lo:hi], t[:, lo:hi, :], out=out[:, a:b, :])
+
+
+def _smooth_x_sum(ts: Sequence[np.ndarray], kxs: Sequence[np.ndarray], weights: Sequence[float], a: int, b: int,
+                  out: np.ndarray) -> None:
+    """``out[a:b] = sum_i weights[i] * correlate1d(ts[i], kxs[i], axis=0)[a:b]`` (mirror boundary), as one
+    matrix product over the stacked bands of the ``ts``."""
+    n = out.shape[0]
+    mats, rows = [], []
+    for t, kx, w in zip(ts, kxs, weights):
+        lo, hi = _band(n, len(kx) // 2, a, b)
+        mats.append(_axis_matrix(n, tuple(float(x) for x in kx))[a:b, lo:hi] * w)
+        rows.append(t[lo:hi].reshape(hi - lo, -1))
+    lhs = np.concatenate(mats, axis=1).astype(out.dtype)
+    rhs = rows[0] if len(rows) == 1 else np.concatenate(rows, axis=0)
+    np.matmul(lhs, rhs, out=out[a:b].reshape(b - a, -1))
+
+
+def _gaussian3(v: np.ndarray, ks: Sequence[np.ndarray], slabs: list[tuple[int, int]], workers: int) -> np.ndarray:
+    """Separable correlation of ``v`` with ``ks[ax]`` along each axis (mirror boundary), in ``v``'s dtype."""
+    t = np.empty_like(v)
+    _run(lambda ab: _smooth_yz(v[ab[0]:ab[1]], ks[2], ks[1], t[ab[0]:ab[1]]), slabs, workers)
+    out = np.empty_like(v)
+    _run(lambda ab: _smooth_x_sum([t], [ks[0]], [1.0], ab[0], ab[1], out), slabs, workers)
+    return out
+
+
 def _frst_numpy(
     vol: np.ndarray,
     spacing: tuple[float, float, float],
@@ -96,97 +313,94 @@ def _frst_numpy(
     dtype: np.dtype,
     workers: int = 1,
 ) -> np.ndarray:
-    # The gradient, the voter selection and the vote offsets are always float64, so that both backends
-    # round the same offsets; ``dtype`` applies to the vote images and their smoothing.
-    vol = np.asarray(vol, dtype=np.float64)
-    if presmooth_sigma_mm > 0:
-        for ax in range(3):
-            vol = ndimage.correlate1d(vol, _gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]), axis=ax, mode="reflect")
+    """The numpy backend over all of ``vol`` (cropping to the mask is :func:`frst_3d`'s). Every volume pass
+    (pre-smoothing, gradient, magnitude, vote images, Gaussian) runs in ``dtype``; the voters' unit vectors
+    and vote offsets are float64 (so rounding an offset depends on ``dtype`` only through the gradient)."""
+    dtype = np.dtype(dtype)
     shape = vol.shape
-    def sobel(ax: int) -> np.ndarray:
-        g = ndimage.sobel(vol, axis=ax, mode="reflect")
-        g *= 1.0 / (32.0 * spacing[ax])
-        return g
+    slabs = _slabs(shape, dtype.itemsize)
+    with _blas_single_thread() if workers > 1 else contextlib.nullcontext():
+        v = np.asarray(vol, dtype=dtype)
+        if presmooth_sigma_mm > 0:
+            v = _gaussian3(v, [_gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]).astype(dtype) for ax in range(3)],
+                           slabs, workers)
+        g = [np.empty(shape, dtype) for _ in range(3)]
+        scale = [1.0 / (32.0 * spacing[ax]) for ax in range(3)]
+        _run(lambda ab: _sobel_slab(v, ab[0], ab[1], scale, g), slabs, workers)
+        del v
+        mag = np.empty(shape, dtype)
 
-    if workers > 1:  # scipy.ndimage releases the GIL
-        from concurrent.futures import ThreadPoolExecutor
+        def magnitude(ab: tuple[int, int]) -> None:
+            x, y, z, mg = g[0][ab[0]:ab[1]], g[1][ab[0]:ab[1]], g[2][ab[0]:ab[1]], mag[ab[0]:ab[1]]
+            np.multiply(x, x, out=mg)
+            mg += y * y
+            mg += z * z
+            np.sqrt(mg, out=mg)
 
-        with ThreadPoolExecutor(max_workers=min(workers, 3)) as ex:
-            grads = list(ex.map(sobel, range(3)))
-    else:
-        grads = [sobel(ax) for ax in range(3)]
-    mag = np.sqrt(grads[0] * grads[0] + grads[1] * grads[1] + grads[2] * grads[2])
-    ref = mag[mask] if mask is not None else mag
-    gmax = float(ref.max()) if ref.size else 0.0
-    if gmax <= 0:
-        return np.zeros(shape, dtype=dtype)
-    sel = mag > beta * gmax
-    if mask is not None:
-        sel &= mask
-    voters = np.flatnonzero(sel)
-    del sel
-    m = mag.ravel()[voters]
-    del mag
-    # unit gradient of the voters, scaled to voxels per mm along each axis
-    units = [grads[ax].ravel()[voters] / m for ax in range(3)]
-    del grads
-    # Votes are accumulated in a volume padded by the largest offset, so no bounds test is needed per vote;
-    # the padding (votes that fell outside the volume) is cropped away afterwards.
-    pad = [int(v) + 1 for v in np.ceil(voxel_ratio(max(radii_mm), spacing))]
-    pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
-    strides = (pshape[1] * pshape[2], pshape[2], 1)
-    coords = np.unravel_index(voters, shape)
-    del voters
-    flat_p = (coords[0] + pad[0]) * strides[0] + (coords[1] + pad[1]) * strides[1] + (coords[2] + pad[2])
-    del coords
-    n_pad = int(np.prod(pshape))
-    crop = tuple(slice(p, p + s) for p, s in zip(pad, shape))
-
-    m64 = m.astype(np.float64, copy=False)  # bincount accumulates in float64 (m is float64 already)
-    off_dtype = np.float64
-    local = threading.local()
-
-    def one_radius(n: float) -> np.ndarray:
-        n = float(n)
-        kappa = kappa_for_radius(n)
-        if not hasattr(local, "off"):  # per-thread work buffers, reused across radii (page faults are costly)
-            local.off = np.empty(len(m), dtype=off_dtype)
-            local.tmp = np.empty(len(m), dtype=off_dtype)
-            local.flat = np.empty(len(m), dtype=np.int64)
-        off, tmp, flat = local.off, local.tmp, local.flat
-        off.fill(0)
-        for ax in range(3):
-            np.multiply(units[ax], n / spacing[ax], out=tmp)
-            np.rint(tmp, out=tmp)
-            if strides[ax] != 1:
-                tmp *= strides[ax]
-            off += tmp
-        np.subtract(flat_p, off, out=flat, casting="unsafe")
-        orient = np.bincount(flat, minlength=n_pad).reshape(pshape)[crop].astype(dtype)
-        f = np.bincount(flat, weights=m64, minlength=n_pad).reshape(pshape)[crop].astype(dtype)
-        np.minimum(orient, kappa, out=orient)
-        orient *= 1.0 / kappa
-        f *= 1.0 / kappa
-        f *= orient**alpha if alpha != 2.0 else orient * orient
-        del orient
-        for ax in range(3):
-            f = ndimage.correlate1d(f, _gaussian_kernel1d(0.25 * n / spacing[ax]).astype(dtype), axis=ax,
-                                    mode="reflect")
-        f *= n
-        return f
-
-    out = None
-    if workers > 1 and len(radii_mm) > 1:
-        from concurrent.futures import ThreadPoolExecutor
-
-        with ThreadPoolExecutor(max_workers=workers) as ex:
-            for f in ex.map(one_radius, radii_mm):
-                out = f if out is None else np.add(out, f, out=out)
-    else:
+        _run(magnitude, slabs, workers)
+        ref = mag[mask] if mask is not None else mag
+        gmax = float(ref.max()) if ref.size else 0.0
+        if gmax <= 0:
+            return np.zeros(shape, dtype=dtype)
+        sel = mag > beta * gmax
+        if mask is not None:
+            sel &= mask
+        voters = np.flatnonzero(sel)
+        del sel
+        m = mag.ravel()[voters].astype(np.float64)
+        del mag
+        units = [g[ax].ravel()[voters].astype(np.float64) / m for ax in range(3)]
+        del g
+        # Votes are accumulated in a volume padded by the largest offset, so no bounds test is needed per
+        # vote; votes that fell outside the volume land in the padding, which is never read.
+        pad = [int(p) + 1 for p in np.ceil(voxel_ratio(max(radii_mm), spacing))]
+        pshape = tuple(s + 2 * p for s, p in zip(shape, pad))
+        strides = (pshape[1] * pshape[2], pshape[2], 1)
+        coords = np.unravel_index(voters, shape)
+        del voters
+        flat_p = (coords[0] + pad[0]) * strides[0] + (coords[1] + pad[1]) * strides[1] + (coords[2] + pad[2])
+        del coords
+        m = m.astype(dtype)
+        ones = np.ones(len(m), dtype)
+        off = np.empty(len(m), np.float64)
+        tmp = np.empty(len(m), np.float64)
+        flat = np.empty(len(m), np.int64)
+        orient = np.zeros(n_pad := int(np.prod(pshape)), dtype)  # reset after each radius where voted
+        image = np.zeros(n_pad, dtype)  # M_n, then F_n in place
+        smoothed, kxs = [], []
         for n in radii_mm:
-            f = one_radius(n)
-            out = f if out is None else np.add(out, f, out=out)
-    out /= len(radii_mm)
+            n = float(n)
+            kappa = kappa_for_radius(n)
+            off.fill(0)
+            for ax in range(3):
+                np.multiply(units[ax], n / spacing[ax], out=tmp)
+                np.rint(tmp, out=tmp)
+                if strides[ax] != 1:
+                    tmp *= strides[ax]
+                off += tmp
+            np.subtract(flat_p, off, out=flat, casting="unsafe")
+            np.add.at(orient, flat, ones)  # O_n (the same order of additions as np.bincount)
+            np.add.at(image, flat, m)  # M_n
+            # F_n = (M_n / kappa) * (min(O_n, kappa) / kappa) ** alpha, computed where votes landed (it is 0
+            # elsewhere); a voxel voted for several times is written several times with the same value
+            o = np.minimum(orient[flat], kappa)
+            o *= 1.0 / kappa
+            f = image[flat] * (1.0 / kappa)
+            f *= o**alpha if alpha != 2.0 else o * o
+            image[flat] = f
+            orient[flat] = 0
+            del o, f
+            ks = [_gaussian_kernel1d(0.25 * n / spacing[ax]).astype(dtype) for ax in range(3)]
+            t = np.empty(shape, dtype)
+            fimg = image.reshape(pshape)[pad[0]:pad[0] + shape[0], pad[1]:pad[1] + shape[1], pad[2]:pad[2] + shape[2]]
+            _run(lambda ab: _smooth_yz(fimg[ab[0]:ab[1]], ks[2], ks[1], t[ab[0]:ab[1]]), slabs, workers)
+            image[flat] = 0
+            smoothed.append(t)
+            kxs.append(ks[0])
+        del orient, image
+        out = np.empty(shape, dtype)
+        weights = [float(n) / len(radii_mm) for n in radii_mm]  # F_n smoothed times n, mean over radii
+        _run(lambda ab: _smooth_x_sum(smoothed, kxs, weights, ab[0], ab[1], out), slabs, workers)
     return out
 
 
@@ -300,7 +514,8 @@ def frst_3d(
     mask: np.ndarray | torch.Tensor | None = None,
     presmooth_sigma_mm: float = DEFAULT_PRESMOOTH_SIGMA_MM,
     dtype: Any = None,
-    workers: int = 1,
+    workers: int | None = None,
+    crop: bool = True,
 ) -> np.ndarray | torch.Tensor:
     """Dark-polarity 3-D Fast Radial Symmetry Transform of ``volume``.
 
@@ -313,22 +528,34 @@ def frst_3d(
         radii_mm: radii of the blobs to detect, in mm (CMBs: diameter 2-10 mm).
         alpha: radial strictness (exponent of the clipped orientation term).
         beta: gradient threshold as a fraction of the maximum gradient magnitude (inside ``mask`` if given).
-        backend: ``"numpy"`` or ``"torch"``; default: torch for a tensor input, numpy otherwise.
+        backend: ``"numpy"``, ``"torch"`` or ``"auto"`` (torch on CUDA when a GPU is available, else numpy:
+            :func:`auto_backend`); default: torch for a tensor input (on its device), numpy otherwise.
         mask: optional (X, Y, Z) boolean mask; only voxels inside it vote and the gradient maximum is
             taken inside it (votes may still land outside it).
         presmooth_sigma_mm: Gaussian smoothing of the intensities before the gradient (0: none).
-        dtype: computation dtype (default float64; float32 halves memory at ~1e-6 relative error).
-        workers: numpy backend: threads processing radii in parallel (SciPy and NumPy release the GIL);
-            the torch backend uses torch's intra-op threads instead.
+        dtype: computation dtype (default float64). float32 (what the candidate stage uses) halves memory
+            and time at ~1e-7 relative error of the map; the numpy backend then also computes the gradient
+            in float32, so a vote offset that lies within float error of .5 voxel may round differently.
+        workers: numpy backend: threads (default :func:`default_workers`: torch's thread count, at most 4;
+            the map does not depend on it); the torch backend uses torch's intra-op threads instead.
+        crop: with a ``mask``, compute only over the mask's bounding box widened by :func:`frst_margin`
+            (the largest vote offset + Gaussian half-width + pre-smoothing + 2 voxels) and return 0
+            outside it. Exact: outside that box the full computation is 0 as well, and inside it every
+            voter's gradient and every vote and smoothing see the same values (``crop=False``: the whole
+            volume, the reference path).
 
     Returns:
         The FRST map with the shape of ``volume``, ``>= 0`` and large at the centres of dark blobs;
-        a numpy array (numpy backend) or a tensor on the input's device (torch backend), in ``dtype``.
+        a numpy array (numpy backend) or a tensor (torch backend; on CUDA for ``"auto"`` with a GPU, else on
+        the input's device), in ``dtype``.
     """
     is_tensor = isinstance(volume, torch.Tensor)
+    device = None
+    if backend == "auto":
+        backend, device = auto_backend()
     backend = backend or ("torch" if is_tensor else "numpy")
     if backend not in ("numpy", "torch"):
-        raise ValueError(f"frst_3d: backend must be 'numpy' or 'torch', got {backend!r}")
+        raise ValueError(f"frst_3d: backend must be 'numpy', 'torch' or 'auto', got {backend!r}")
     spacing = tuple(float(s) for s in spacing)
     channel = volume.ndim == 4 and volume.shape[0] == 1
     vol = volume[0] if channel else volume
@@ -343,15 +570,45 @@ def frst_3d(
         mk = None
         if mask is not None:
             mk = (mask.detach().cpu().numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)) > 0
-        out = _frst_numpy(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm),
-                          np.dtype(dtype or np.float64), workers=int(workers))
+        ndtype = np.dtype(dtype or np.float64)
+        nworkers = default_workers() if workers is None else max(1, int(workers))
+
+        def run_numpy(v: np.ndarray, mk: np.ndarray | None) -> np.ndarray:
+            return _frst_numpy(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm),
+                               ndtype, workers=nworkers)
+
+        out = _cropped(run_numpy, v, mk, crop, spacing, radii_mm, presmooth_sigma_mm,
+                       lambda s: np.zeros(s, ndtype))
         return out[None] if channel else out
     v = vol if is_tensor else torch.as_tensor(np.asarray(vol))
     v = v.as_tensor() if hasattr(v, "as_tensor") else v  # MetaTensor -> plain tensor
+    if device is not None:
+        v = v.to(device)
     mk = None
     if mask is not None:
         mk = (mask if isinstance(mask, torch.Tensor) else torch.as_tensor(np.asarray(mask))).to(v.device) > 0
         mk = mk.as_tensor() if hasattr(mk, "as_tensor") else mk
     tdtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, np.dtype(dtype or np.float64).name)
-    out = _frst_torch(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm), tdtype)
+
+    def run_torch(v: torch.Tensor, mk: torch.Tensor | None) -> torch.Tensor:
+        return _frst_torch(v, spacing, radii_mm, float(alpha), float(beta), mk, float(presmooth_sigma_mm), tdtype)
+
+    out = _cropped(run_torch, v, mk, crop, spacing, radii_mm, presmooth_sigma_mm,
+                   lambda s: torch.zeros(s, dtype=tdtype, device=v.device))
     return out[None] if channel else out
+
+
+def _cropped(run: Any, v: Any, mask: Any, crop: bool, spacing: Sequence[float], radii_mm: Sequence[float],
+             presmooth_sigma_mm: float, zeros: Any) -> Any:
+    """``run(v, mask)``, over the mask's widened bounding box only when ``crop`` (see :func:`frst_3d`)."""
+    if not crop or mask is None:
+        return run(v, mask)
+    box = _mask_box(mask, frst_margin(spacing, radii_mm, presmooth_sigma_mm))
+    shape = tuple(v.shape)
+    if box is None:  # empty mask: no voter, the map is 0
+        return zeros(shape)
+    if all(b.start == 0 and b.stop == s for b, s in zip(box, shape)):
+        return run(v, mask)
+    out = zeros(shape)
+    out[box] = run(v[box], mask[box])
+    return out
