@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
-from scipy import ndimage
 
 from transforms.frst import (
     DEFAULT_ALPHA,
@@ -23,6 +22,8 @@ from transforms.frst import (
     DEFAULT_PRESMOOTH_SIGMA_MM,
     DEFAULT_RADII_MM,
     DEFAULT_SNAP_RADIUS_MM,
+    _mask_box,
+    auto_backend,
     frst_3d,
 )
 from transforms.spacing import half_widths, snap_spacing, within_radius
@@ -39,6 +40,52 @@ def _ellipsoid_footprint(radius_mm: float, spacing: Sequence[float]) -> np.ndarr
     half = half_widths(radius_mm, spacing, minimum=1)
     offsets = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), axis=-1)
     return within_radius(offsets, spacing, max(radius_mm, max(spacing)))
+
+
+def _local_maxima(fmap: np.ndarray, fp: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """(N, 3) int64 voxels, in C order, of ``candidates & (fmap >= maximum_filter(fmap, footprint=fp,
+    mode='constant', cval=-inf))``, exactly.
+
+    A voxel must first be at least as large as its face neighbours that lie in the footprint (six shifted
+    comparisons over the candidates' bounding box); the few voxels that pass are then compared with the
+    remaining footprint offsets one offset at a time, nearest first (a maximum is exact in any dtype, so
+    this equals the full maximum filter, ties included)."""
+    h = np.array(fp.shape) // 2
+    shape = np.array(fmap.shape)
+    box = _mask_box(candidates, h)
+    if box is None:
+        return np.zeros((0, 3), np.int64)
+    lo = np.array([b.start for b in box])
+    sub, keep = fmap[box], candidates[box].copy()
+    done = np.zeros(fp.shape, bool)
+    done[tuple(h)] = True
+    for ax in range(3):
+        n = sub.shape[ax]
+        for d in (-1, 1):
+            nb = h.copy()
+            nb[ax] += d
+            if n < 2 or not fp[tuple(nb)]:
+                continue
+            done[tuple(nb)] = True
+            a = tuple(slice(1, n) if i == ax else slice(None) for i in range(3))  # voxels with a neighbour at -1
+            b = tuple(slice(0, n - 1) if i == ax else slice(None) for i in range(3))
+            if d == -1:
+                keep[a] &= sub[a] >= sub[b]
+            else:
+                keep[b] &= sub[b] >= sub[a]
+    pts = np.argwhere(keep) + lo  # full-volume coordinates, C order
+    vals = fmap[tuple(pts.T)]
+    offsets = np.argwhere(fp & ~done) - h
+    offsets = offsets[np.argsort((offsets**2).sum(1), kind="stable")]
+    for off in offsets:
+        if not len(pts):
+            break
+        q = pts + off
+        inside = np.all((q >= 0) & (q < shape), axis=1)
+        ok = np.ones(len(pts), bool)
+        ok[inside] = vals[inside] >= fmap[tuple(q[inside].T)]
+        pts, vals = pts[ok], vals[ok]
+    return pts.astype(np.int64)
 
 
 def snap_to_darkest(
@@ -80,8 +127,9 @@ def find_candidates(
     """Candidate voxels: local maxima of ``frst_map`` inside ``brainmask``, strongest first.
 
     A voxel is a candidate when it equals the maximum of the map over an ellipsoid of radius
-    ``min_distance_mm`` (non-maximum suppression, ``scipy.ndimage.maximum_filter`` with the ellipsoid as
-    footprint), lies inside the brain mask and scores above ``threshold``. Candidates are sorted by
+    ``min_distance_mm`` (non-maximum suppression: the result of ``scipy.ndimage.maximum_filter`` with the
+    ellipsoid as footprint, computed exactly and much faster by :func:`_local_maxima`), lies inside the
+    brain mask and scores above ``threshold``. Candidates are sorted by
     decreasing score and the first ``max_candidates`` kept. With ``image`` and ``snap_radius_mm > 0`` each
     kept candidate is moved to the darkest voxel within that radius (duplicates after snapping are merged,
     keeping the higher score).
@@ -98,7 +146,8 @@ def find_candidates(
         fmap = fmap[0]
     if fmap.ndim != 3:
         raise ValueError(f"find_candidates: expected a 3-D map, got shape {fmap.shape}")
-    fmap = fmap.astype(np.float64, copy=False)
+    if not np.issubdtype(fmap.dtype, np.floating):
+        fmap = fmap.astype(np.float64)
     if brainmask is not None:
         bm = brainmask.detach().cpu().numpy() if isinstance(brainmask, torch.Tensor) else np.asarray(brainmask)
         if bm.ndim == 4 and bm.shape[0] == 1:
@@ -109,10 +158,8 @@ def find_candidates(
     else:
         bm = np.ones(fmap.shape, dtype=bool)
     fp = _ellipsoid_footprint(min_distance_mm, spacing)
-    local_max = ndimage.maximum_filter(fmap, footprint=fp, mode="constant", cval=-np.inf)
-    peaks = (fmap >= local_max) & bm & (fmap > threshold)
-    coords = np.argwhere(peaks).astype(np.int64)
-    scores = fmap[peaks]  # argwhere and boolean indexing share C order
+    coords = _local_maxima(fmap, fp, bm & (fmap > threshold))  # C order, as np.argwhere
+    scores = fmap[tuple(coords.T)].astype(np.float64)
     order = np.argsort(-scores, kind="stable")
     coords, scores = coords[order], scores[order]
     if max_candidates is not None and len(coords) > max_candidates:
@@ -140,9 +187,16 @@ class FRSTCandidatesd(MapTransform):
     Reads ``data[key]`` (1, X, Y, Z) (a MetaTensor's affine gives the spacing unless ``spacing`` is set)
     and ``data[mask_key]`` (1, X, Y, Z) and writes ``data[output_key]`` (N, 3) int64 voxel indices and
     ``data[output_key + "_score"]`` (N,) float64 FRST scores, strongest first; with ``map_key`` also the
-    FRST map (1, X, Y, Z) float32. Runs on the image's device with ``backend="torch"``. The FRST and
-    candidate settings are those of :func:`frst_3d` and :func:`find_candidates` (defaults: the tuned ones);
-    ``dtype``/``workers`` trade exactness for speed (float32 and 2 threads: ~2x faster, ~1e-7 relative).
+    FRST map (1, X, Y, Z) float32. The FRST and candidate settings are those of :func:`frst_3d` and
+    :func:`find_candidates` (defaults: the tuned ones). Speed settings (they change the map by float noise
+    at most, ~1e-7 relative, and the candidates at most by ties, see ``docs/frst.md``):
+
+    * ``backend``: ``None``/``"auto"`` (default) runs the torch backend on CUDA when a GPU is available and
+      the numpy backend otherwise; ``"torch"`` runs on the image's device, ``"numpy"`` on the CPU;
+    * ``dtype``: ``None`` (default) computes in float32; ``numpy.float64`` is the exact reference;
+    * ``workers``: numpy threads, ``None`` (default): :func:`transforms.frst.default_workers`;
+    * ``crop``: compute over the brain mask's bounding box plus :func:`transforms.frst.frst_margin` only
+      (default; exact).
 
     Only one image key is supported (the candidates belong to one scan).
     """
@@ -161,19 +215,23 @@ class FRSTCandidatesd(MapTransform):
         threshold: float = 0.0,
         snap_radius_mm: float = DEFAULT_SNAP_RADIUS_MM,
         spacing: Sequence[float] | None = None,
-        backend: str = "numpy",
+        backend: str | None = None,
         map_key: str | None = None,
         dtype: Any = None,
-        workers: int = 1,
+        workers: int | None = None,
         allow_missing_keys: bool = False,
+        crop: bool = True,
     ) -> None:
         super().__init__(keys, allow_missing_keys)
         if len(self.keys) != 1:
             raise ValueError(f"FRSTCandidatesd: exactly one image key expected, got {self.keys}")
         self.mask_key = mask_key
         self.output_key = output_key
+        if backend not in (None, "auto", "numpy", "torch"):
+            raise ValueError(f"FRSTCandidatesd: backend must be None, 'auto', 'numpy' or 'torch', got {backend!r}")
         self.frst_kwargs = dict(radii_mm=tuple(radii_mm), alpha=alpha, beta=beta, presmooth_sigma_mm=presmooth_sigma_mm,
-                                backend=backend, dtype=dtype, workers=workers)
+                                backend=backend or "auto", dtype=np.float32 if dtype is None else dtype,
+                                workers=workers, crop=crop)
         self.cand_kwargs = dict(min_distance_mm=min_distance_mm, max_candidates=max_candidates, threshold=threshold,
                                 snap_radius_mm=snap_radius_mm)
         self.spacing = tuple(spacing) if spacing is not None else None
@@ -198,12 +256,15 @@ class FRSTCandidatesd(MapTransform):
                 if tuple(mask.shape[-3:]) != tuple(img.shape[-3:]):
                     raise ValueError(f"{name}: brain mask shape {tuple(mask.shape)} differs from image {tuple(img.shape)}")
             vol = img[0]
-            if self.frst_kwargs["backend"] == "numpy" and isinstance(vol, torch.Tensor):
+            backend = self.frst_kwargs["backend"]
+            if backend == "auto":
+                backend = auto_backend()[0]
+            if backend == "numpy" and isinstance(vol, torch.Tensor):
                 vol = vol.detach().cpu().numpy()
             mk = None
             if mask is not None:
                 mk = mask[0] > 0
-                if self.frst_kwargs["backend"] == "torch" and not isinstance(mk, torch.Tensor):
+                if backend == "torch" and not isinstance(mk, torch.Tensor):
                     mk = torch.as_tensor(np.asarray(mk))
             fmap = frst_3d(vol, spacing=spacing, mask=mk, **self.frst_kwargs)
             coords, scores = find_candidates(fmap, mk, spacing, image=vol, **self.cand_kwargs)
