@@ -335,3 +335,49 @@ def test_cli_accepts_the_benchmark_preset(tmp_path):
     r = _cli("--output", str(tmp_path / "y"), "--preset", "benchmark", "--option", "fiant_fraction=0.3")
     assert r.returncode == 2 and "fiant_fraction" in r.stderr and "faint_fraction" in r.stderr
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+
+
+def test_benchmark_lesion_model_knobs_keep_the_default_draws():
+    from cmb_synthesis.phantom.lesions import sample_benchmark_specs
+
+    base = sample_benchmark_specs(np.random.default_rng(1), 500)
+    same = sample_benchmark_specs(np.random.default_rng(1), 500, 0.25, 2.0, (0.45, 0.8), (0.25, 0.45))
+    assert base == same                                   # the knobs at their defaults draw exactly as before
+    big = sample_benchmark_specs(np.random.default_rng(1), 2000, deposit_median_mm=2.6, depth=(0.6, 0.85))
+    small = sample_benchmark_specs(np.random.default_rng(1), 2000)
+    app = lambda specs: np.median([s.diameter_mm * s.bloom for s in specs])   # noqa: E731
+    assert app(big) > app(small) + 0.5
+    deep = np.array([s.depth for s in big])
+    assert ((deep >= 0.6) | (deep <= 0.45)).all()
+    for bad in (dict(deposit_median_mm=0.0), dict(depth=(0.8, 0.5)), dict(faint_depth=(0.2, 1.0))):
+        with pytest.raises(ValueError):
+            sample_benchmark_specs(np.random.default_rng(0), 3, **bad)
+
+
+def test_site_overrides_apply_to_one_site_and_are_recorded(tmp_path):
+    split = dict(n_train_pathological=0, n_train_healthy=2, n_val_pathological=0, n_val_healthy=0,
+                 n_test_pathological=0, n_test_healthy=0)
+    small = dict(shape=(64, 64, 48), n_cortical_veins=5, n_medullary_veins=5)
+    dl = generate_cohort(tmp_path / "c", preset="benchmark", seed=2, options=small,
+                         site_overrides={"B": {"snr": [60.0, 60.0]}}, **split)
+    meta = json.loads((Path(dl).parent / "cohort.json").read_text())
+    from cmb_synthesis.phantom import SITES
+
+    assert meta["sites"]["B"]["snr"] == [60.0, 60.0] and meta["sites"]["A"]["snr"] == list(SITES["A"]["snr"])
+    assert SITES["B"]["snr"] != [60.0, 60.0]              # the preset itself is untouched
+    items = {it["site"]: it for it in _items(str(dl))}
+    noise = {}
+    for site, it in items.items():
+        swi, mask = _load(str(dl), it["image"]), _load(str(dl), it["brainmask"])
+        far = ndimage.distance_transform_edt(mask == 0) > 8
+        noise[site] = float(swi[far].mean())
+    assert noise["B"] < noise["A"]                         # SNR 60 at site B: less noise than site A (24-34)
+    with pytest.raises(ValueError, match="unknown site 'C'"):
+        generate_cohort(tmp_path / "d", preset="benchmark", site_overrides={"C": {"snr": [1, 2]}}, **split)
+    with pytest.raises(ValueError, match="no sites"):
+        generate_cohort(tmp_path / "e", preset="default", site_overrides={"A": {"snr": [1, 2]}}, **split)
+    with pytest.raises(ValueError, match="snrr"):
+        generate_cohort(tmp_path / "f", preset="benchmark", site_overrides={"B": {"snrr": [1, 2]}}, **split)
+    r = _cli("--output", str(tmp_path / "g"), "--preset", "benchmark", "--site-option", "snr=[1, 2]")
+    assert r.returncode == 2 and "SITE:KEY=VALUE" in r.stderr
+    assert not any((tmp_path / n).exists() for n in "defg")

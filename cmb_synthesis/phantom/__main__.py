@@ -3,6 +3,8 @@
 ``--option KEY=VALUE`` (repeatable) overrides a phantom option for every subject (``subject.DEFAULT_OPTIONS`` /
 ``REALISM_OPTIONS``; VALUE is read as JSON, else as a string), e.g. ``--option faint_fraction=0.35`` or
 ``--option 'snr=[15, 22]'`` when calibrating the ``benchmark`` preset (``docs/phantom.md``).
+``--site-option SITE:KEY=VALUE`` (repeatable, realism presets) overrides an option of one simulated site only,
+e.g. ``--site-option 'B:snr=[18, 26]'`` (``benchmark.SITES``).
 
 Exit codes: 0 success, 2 bad input (message on stderr naming the problem and the path; nothing written).
 """
@@ -34,6 +36,17 @@ def _options(pairs: list[str]) -> dict:
     return out
 
 
+def _site_options(pairs: list[str]) -> dict[str, dict]:
+    """``SITE:KEY=VALUE`` strings -> {site: options} (VALUE as JSON, else a string); unknown keys refused."""
+    out: dict[str, dict] = {}
+    for pair in pairs:
+        site, sep, rest = pair.partition(":")
+        if not sep or not site:
+            raise ValueError(f"--site-option {pair!r}: expected SITE:KEY=VALUE, e.g. 'B:snr=[18, 26]'")
+        out.setdefault(site, {}).update(_options([rest]))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cmb_synthesis.phantom", description="Generate the SWI phantom cohort.")
     p.add_argument("--output", required=True, help="cohort folder to create (must not exist or be empty)")
@@ -43,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=1, help="processes (default 1)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="phantom option for every subject (JSON value), repeatable")
+    p.add_argument("--site-option", action="append", default=[], metavar="SITE:KEY=VALUE",
+                   help="phantom option for the subjects of one site of a realism preset (JSON value), repeatable")
     for key in SPLIT_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
                        help=f"override the preset's {key[2:].replace('_', ' ')} count")
@@ -53,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     try:
         path = generate_cohort(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
-                               workers=args.workers, options=_options(args.option), **counts)
+                               workers=args.workers, options=_options(args.option),
+                               site_overrides=_site_options(args.site_option), **counts)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

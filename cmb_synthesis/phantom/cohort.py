@@ -102,6 +102,25 @@ def _make(args: tuple) -> dict[str, Any]:
     return write_subject(subject, sid, Path(folder))
 
 
+def _merged_sites(preset: str, realism: Mapping[str, Any] | None, overrides: Mapping[str, Mapping[str, Any]] | None,
+                  known: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """The preset's sites with ``overrides`` (site -> options) merged in; None for presets without sites."""
+    if not overrides:
+        return None if realism is None else {k: dict(v) for k, v in realism["sites"].items()}
+    if realism is None:
+        raise ValueError(f"site overrides {sorted(overrides)} given, but preset {preset!r} has no sites "
+                         f"(realism presets: {sorted(REALISM_PRESETS)})")
+    sites = {k: dict(v) for k, v in realism["sites"].items()}
+    for site, opts in overrides.items():
+        if site not in sites:
+            raise ValueError(f"site override for unknown site {site!r}; preset {preset!r} has {sorted(sites)}")
+        bad = sorted(set(opts) - set(known))
+        if bad:
+            raise ValueError(f"site {site!r}: unknown phantom options {bad}; expected keys of {sorted(known)}")
+        sites[site].update(opts)
+    return sites
+
+
 def _counts(preset: str, overrides: Mapping[str, int | None]) -> dict[str, int]:
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
@@ -144,6 +163,7 @@ def generate_cohort(
     overwrite: bool = False,
     workers: int = 1,
     options: Mapping[str, Any] | None = None,
+    site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
     **split_counts: int | None,
 ) -> Path:
     """Simulate a cohort into ``output_dir`` and return the path of its ``datalist.json``.
@@ -158,10 +178,13 @@ def generate_cohort(
         overwrite: replace a non-empty ``output_dir``.
         workers: processes for simulation (1 = in this process).
         options: phantom options (``subject.DEFAULT_OPTIONS`` / ``REALISM_OPTIONS``), over the preset's.
+        site_overrides: realism presets only: per-site phantom options over the preset's ``sites``
+            (``{"B": {"snr": [18, 26]}}``), applied to that site's subjects only (``options`` still win).
         split_counts: ``n_train_pathological`` ... ``n_test_healthy`` overriding the preset.
 
     Raises:
-        ValueError: unknown preset, negative/non-integer counts, an empty cohort.
+        ValueError: unknown preset, negative/non-integer counts, an empty cohort, an unknown option, a site
+            override for an unknown site or for a preset without sites.
         FileExistsError: ``output_dir`` is not empty and ``overwrite`` is False.
         FileNotFoundError / PermissionError: the parent folder does not exist / is not writable.
     """
@@ -171,6 +194,12 @@ def generate_cohort(
     if int(workers) < 1:
         raise ValueError(f"workers must be >= 1, got {workers!r}")
     options = dict(options or {})
+    known = {**DEFAULT_OPTIONS, **REALISM_OPTIONS}
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(f"unknown phantom options {unknown}; expected keys of {sorted(known)}")
+    realism = REALISM_PRESETS.get(preset)
+    sites_cfg = _merged_sites(preset, realism, site_overrides, known)
     out = Path(output_dir)
     parent = out.resolve().parent
     if not parent.is_dir():
@@ -184,15 +213,14 @@ def generate_cohort(
                 plan.append((split, group))
     children = np.random.SeedSequence(int(seed)).spawn(len(plan))
     subject_options = [options] * len(plan)
-    realism = REALISM_PRESETS.get(preset)
     if realism is not None:
         lesion_plan = {k: list(v) for k, v in planned_lesions(preset, seed, **counts).items()}
-        sites = {(split, group): iter(assign_sites(counts[f"n_{short}_{group}"], sorted(realism["sites"])))
+        sites = {(split, group): iter(assign_sites(counts[f"n_{short}_{group}"], sorted(sites_cfg)))
                  for split, short in SPLITS for group in ("pathological", "healthy")}
         subject_options = []
         for split, group in plan:
             planned = {"n_lesions": lesion_plan[split].pop(0)} if group == "pathological" else {}
-            subject_options.append({**realism["options"], **site_options(next(sites[split, group]), realism["sites"]),
+            subject_options.append({**realism["options"], **site_options(next(sites[split, group]), sites_cfg),
                                     **planned, **options})
     with atomic_directory(out, overwrite=overwrite) as tmp:
         jobs = [(children[n], group == "pathological", f"sub-{n:03d}_{group[0].upper()}", str(tmp), subject_options[n])
@@ -220,7 +248,7 @@ def generate_cohort(
                 "lesions_per_split": {s: int(sum(i["n_lesions"] for i in datalist[s])) for s in ("training", "validation", "test")}}
         if realism is not None:
             meta["options"] = {**DEFAULT_OPTIONS, **REALISM_OPTIONS, **realism["options"], **options}
-            meta["sites"] = realism["sites"]
+            meta["sites"] = sites_cfg
             meta["lesions_planned_per_split"] = {s: sum(v) for s, v in planned_lesions(preset, seed, **counts).items()}
             meta["mimic_codes"] = MIMIC_CODES
             meta["mimics_per_split"] = {s: {t: int(sum(i["mimic_counts"][t] for i in datalist[s])) for t in MIMIC_TYPES}

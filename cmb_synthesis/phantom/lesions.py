@@ -49,17 +49,25 @@ def sample_lesion_specs(rng: np.random.Generator, n: int) -> list[LesionSpec]:
     return [LesionSpec(float(a), float(b), float(c)) for a, b, c in zip(d, elong, depth)]
 
 
-def sample_benchmark_specs(rng: np.random.Generator, n: int, faint_fraction: float = 0.25) -> list[LesionSpec]:
-    """Harder lesions. Deposit diameters log-normal (median 2.0 mm) within [2, 9.5] mm / bloom, blooming
-    1.1-1.7, so the apparent (labelled) diameter ``bloom * diameter`` lies in 2-9.5 mm with a median of
-    ~2.8 mm, ~50 % of 2-3 mm and ~90 % under 5 mm; 30 % of those of 3 mm or more elongated (1.4-2.5: the
-    linear shear lesions of TBI are not the smallest); core darkening 0.25-0.45 (faint) for ``faint_fraction``
-    of them, else 0.45-0.8."""
+def sample_benchmark_specs(rng: np.random.Generator, n: int, faint_fraction: float = 0.25,
+                           deposit_median_mm: float = 2.0, depth: tuple[float, float] = (0.45, 0.8),
+                           faint_depth: tuple[float, float] = (0.25, 0.45)) -> list[LesionSpec]:
+    """Harder lesions. Deposit diameters log-normal (median ``deposit_median_mm``, 2.0 mm by default) within
+    [2, 9.5] mm / bloom, blooming 1.1-1.7, so the apparent (labelled) diameter ``bloom * diameter`` lies in
+    2-9.5 mm (at 2.0 mm: median ~2.8 mm, ~50 % of 2-3 mm and ~90 % under 5 mm); 30 % of those of 3 mm or more
+    elongated (1.4-2.5: the linear shear lesions of TBI are not the smallest); core darkening uniform in
+    ``faint_depth`` (faint) for ``faint_fraction`` of them, else in ``depth``. The defaults draw exactly as
+    before these arguments existed."""
+    if not deposit_median_mm > 0:
+        raise ValueError(f"deposit_median_mm must be > 0, got {deposit_median_mm!r}")
+    for name, (lo, hi) in (("depth", depth), ("faint_depth", faint_depth)):
+        if not 0.0 <= lo <= hi < 1.0:
+            raise ValueError(f"{name} must be (low, high) with 0 <= low <= high < 1, got {(lo, hi)!r}")
     bloom = rng.uniform(1.1, 1.7, n)
-    d = np.clip(np.exp(rng.normal(np.log(2.0), 0.38, n)), 2.0 / bloom, 9.5 / bloom)
+    d = np.clip(np.exp(rng.normal(np.log(deposit_median_mm), 0.38, n)), 2.0 / bloom, 9.5 / bloom)
     elong = np.where((rng.random(n) < 0.3) & (d * bloom >= 3.0), rng.uniform(1.4, 2.5, n), 1.0)
     faint = rng.random(n) < faint_fraction
-    depth = np.where(faint, rng.uniform(0.25, 0.45, n), rng.uniform(0.45, 0.8, n))
+    depth = np.where(faint, rng.uniform(*faint_depth, n), rng.uniform(*depth, n))
     return [LesionSpec(float(a), float(b), float(c), float(e)) for a, b, c, e in zip(d, elong, depth, bloom)]
 
 

@@ -51,7 +51,10 @@ REALISM_OPTIONS = dict(
     site=None,                       # site name, recorded in the datalist
     n_lesions=None,                  # planned CMB count (cohort-level plan) instead of a sampled one
     lesion_model="default",          # "benchmark": lesions.sample_benchmark_specs + partial-volume blooming
-    faint_fraction=0.25,             # benchmark lesion model: share of faint CMBs (core darkening 0.25-0.45)
+    faint_fraction=0.25,             # benchmark lesion model: share of faint CMBs (core darkening faint_depth)
+    deposit_median_mm=2.0,           # benchmark lesion model: median haemosiderin deposit diameter (before blooming)
+    lesion_depth=(0.45, 0.8),        # benchmark lesion model: core darkening of the other CMBs
+    faint_depth=(0.25, 0.45),        # benchmark lesion model: core darkening of the faint CMBs
     slice_thickness_mm=None,         # through-plane slice profile (box of this width); None = none
     n_vein_branches=0,
     n_cross_vessels=0,
@@ -181,7 +184,9 @@ def simulate_subject(seed: int | np.random.SeedSequence, pathological: bool, **o
         n = opt["n_lesions"]
         n = sample_count(rng, opt["count_median"], maximum=int(opt["max_lesions"])) if n is None else int(n)
         bench = opt["lesion_model"] == "benchmark"
-        specs = sample_benchmark_specs(rng, n, float(opt["faint_fraction"])) if bench else sample_lesion_specs(rng, n)
+        specs = (sample_benchmark_specs(rng, n, float(opt["faint_fraction"]), float(opt["deposit_median_mm"]),
+                                        tuple(opt["lesion_depth"]), tuple(opt["faint_depth"]))
+                 if bench else sample_lesion_specs(rng, n))
         labels, factor, rows = place_lesions(rng, anat, (veins > 0) | (mimics > 0), specs, max_tries=500,
                                              partial_volume=bench)
 
