@@ -12,8 +12,11 @@
 
 Masks: for healthy scans, ``<id>_mask.nii.gz`` beside the image (or a datalist item's ``mask`` key) when
 present, otherwise sampled with :class:`transforms.lesion_mask.RandLesionMaskd` from a saved
-:class:`~transforms.lesion_mask.LesionBank` (``models/lesion_bank.npz``, written by training) inside
-``<id>_brainmask.nii.gz``, seeded per scan by ``(seed, id)``. Pathological scans use ``<id>_mask.nii.gz``,
+:class:`~transforms.lesion_mask.LesionBank` (``models/lesion_bank.npz``, written by training) inside the brain
+mask, seeded per scan by ``(seed, id)``. The brain mask is ``<id>_brainmask.nii.gz`` beside the image (or a
+datalist item's ``brainmask``); without one it is estimated by registering nilearn's MNI152 template to the
+scan (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`, ``docs/brainmask.md``; ``estimate_brainmask=False``
+refuses such scans instead). The brain mask also restricts the intensity percentiles, as in training. Pathological scans use ``<id>_mask.nii.gz``,
 ``<id>_cmb.nii.gz`` or the datalist ``label``. Binary masks are split into connected components (one lesion
 each, :func:`transforms.labels.as_instance_labels`). A scan with nothing to paint (an empty given mask,
 one outside the brain mask, or no sampled lesion placed) fails instead of being written unchanged.
@@ -41,6 +44,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.networks.utils import eval_mode
 
 from cmb_synthesis.data.batch import BatchJob, run_batch
+from cmb_synthesis.data.brainmask import estimate_brainmask as _estimate_brainmask
 from cmb_synthesis.data.datalist import SPLITS, load_split
 from cmb_synthesis.data.io import PathLike
 from cmb_synthesis.data.naming import find_beside, find_inputs, unique_scan_ids
@@ -179,7 +183,7 @@ def _plain(v: Any) -> torch.Tensor:
     return v.as_tensor() if hasattr(v, "as_tensor") else torch.as_tensor(np.asarray(v))
 
 
-def _check_inputs(job: ScanJob, direction: str, bank: Any) -> None:
+def _check_inputs(job: ScanJob, direction: str, bank: Any, estimate_mask: bool = True) -> None:
     """Refuse, before loading anything, a scan that has no mask and cannot get one (naming what is missing)."""
     if job.mask:
         return
@@ -191,34 +195,53 @@ def _check_inputs(job: ScanJob, direction: str, bank: Any) -> None:
     if bank is None:
         raise ValueError(f"{job.image}: no lesion mask ({here / (sid + '_mask.nii.gz')} or a datalist 'mask') and no "
                          "lesion bank (models/lesion_bank.npz, written by training) to sample one from")
-    if not job.brainmask:
+    if not job.brainmask and not estimate_mask:
         raise ValueError(f"{job.image}: sampling a lesion mask needs a brain mask: no {here / (sid + '_brainmask.nii.gz')} "
-                         "beside the image (nor a datalist 'brainmask')")
+                         "beside the image (nor a datalist 'brainmask'), and estimate_brainmask is off")
 
 
 def load_scan(
-    job: ScanJob, direction: str = "pathological", bank: Any = None, n_lesions: int | None = None, seed: int = 0
+    job: ScanJob, direction: str = "pathological", bank: Any = None, n_lesions: int | None = None, seed: int = 0,
+    estimate_brainmask: bool = True,
 ) -> dict[str, Any]:
     """Preprocess one scan as in training and get its lesion mask (given or sampled).
+
+    Args:
+        job: the scan (image: NIfTI file or DICOM series folder) and its masks.
+        estimate_brainmask: without a brain mask file, estimate one
+            (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`, MNI152 template registration); False: the
+            scan goes without a brain mask (percentiles over the whole volume; sampling a mask is refused).
 
     Returns a dict: ``image`` (1, X, Y, Z) float tensor in [0, 1] (RAS), ``label`` (1, X, Y, Z) int32 instance
     labels (RAS, at least one lesion), ``brainmask`` (1, X, Y, Z) uint8 or None, ``lo``/``hi`` (the percentile
     scale), ``canonical`` (:class:`~cmb_synthesis.data.scans.CanonicalImage` of the input, to write back),
-    ``n_lesions`` (lesions in ``label``), ``mask_source`` (``"given"`` / ``"sampled"``), ``label_split`` (a
-    binary mask was split into connected components).
+    ``n_lesions`` (lesions in ``label``), ``mask_source`` (``"given"`` / ``"sampled"``), ``brainmask_source``
+    (``"file"`` / ``"estimated"`` / None), ``label_split`` (a binary mask was split into connected components).
 
     Raises:
-        ValueError / FileNotFoundError naming the file: unreadable inputs, a missing mask/brain mask/bank, or
-        nothing to paint ("no lesion to paint ...": an empty mask, one outside the brain mask, none placed).
+        ValueError / FileNotFoundError naming the file: unreadable inputs, a missing mask/brain mask/bank, a
+        brain mask that cannot be estimated, or nothing to paint ("no lesion to paint ...": an empty mask, one
+        outside the brain mask, none placed).
     """
-    _check_inputs(job, direction, bank)
+    _check_inputs(job, direction, bank, estimate_brainmask)
     verb = "paint" if direction == "pathological" else "remove"
     can = to_canonical(job.image, dtype=np.float32)
     data: dict[str, Any] = {"image": as_meta_tensor(can.array, can.affine, str(job.image))}
     keys: dict[str, tuple[str, ...]] = {"mask_keys": (), "label_keys": (), "extra_keys": ()}
+    bm_source = None
     if job.brainmask:
         bm = to_canonical(job.brainmask, dtype=None)
         data["brainmask"], keys["mask_keys"] = as_meta_tensor(bm.array, bm.affine, job.brainmask), ("brainmask",)
+        bm_source = "file"
+    elif estimate_brainmask:
+        try:
+            est = _estimate_brainmask(can.array, can.spacing, affine=can.affine)
+        except ValueError as e:
+            raise ValueError(f"{job.image}: no brain mask beside it and none can be estimated ({e})") from e
+        data["brainmask"] = as_meta_tensor(est, can.affine, f"{job.image} (estimated brain mask)")
+        keys["mask_keys"], bm_source = ("brainmask",), "estimated"
+        logger.info("%s: no brain mask given; estimated one by MNI152 registration (%d voxels)", job.image,
+                    int(est.sum()))
     label_split = False
     if job.mask:
         data["label"], label_split = load_lesion_labels(job.mask)
@@ -234,12 +257,13 @@ def load_scan(
         if "brainmask" in data:
             inside = np.unique(label[(label > 0) & (_plain(data["brainmask"]).numpy() > 0)])
             n_all = len(np.unique(label[label > 0]))
+            where = job.brainmask or "estimated by MNI152 registration"
             if inside.size == 0:
                 raise ValueError(f"{job.image}: no lesion to {verb}: all {n_all} lesions of {job.mask} lie outside "
-                                 f"the brain mask {job.brainmask}")
+                                 f"the brain mask ({where})")
             if inside.size < n_all:
-                logger.warning("%s: %d of %d lesions of %s lie outside the brain mask", job.image,
-                               n_all - inside.size, n_all, job.mask)
+                logger.warning("%s: %d of %d lesions of %s lie outside the brain mask (%s)", job.image,
+                               n_all - inside.size, n_all, job.mask, where)
     else:
         sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank,
                                   n_lesions=n_lesions)
@@ -250,7 +274,7 @@ def load_scan(
             raise ValueError(f"{job.image}: no lesion to paint: {e}") from e
         if int(data["label_n_lesions"]) == 0:
             raise ValueError(f"{job.image}: no lesion to paint: 0 lesions placed (n_lesions={n_lesions}; the "
-                             f"bank's lesions do not fit in the brain mask {job.brainmask}?)")
+                             f"bank's lesions do not fit in the brain mask {job.brainmask or '(estimated)'}?)")
     image, label = data["image"], _plain(data["label"])
     lo, hi = (float(v) for v in image.meta["percentile_scale"])
     bm = data.get("brainmask")
@@ -263,16 +287,17 @@ def load_scan(
         "canonical": can,
         "n_lesions": int(torch.unique(label[label > 0]).numel()),
         "mask_source": "given" if job.mask else "sampled",
+        "brainmask_source": bm_source,
         "label_split": bool(label_split),
     }
 
 
 def _synthesise(
     job: BatchJob, tmp: dict[str, Path], G: nn.Module, direction: str, bank: Any, n_lesions: int | None, seed: int,
-    patch: Sequence[int], overlap: float, device: Any, amp: bool,
+    patch: Sequence[int], overlap: float, device: Any, amp: bool, estimate_brainmask: bool = True,
 ) -> dict[str, Any]:
     """One scan of :func:`run_inference`: synthesise and write each output to its temporary path ``tmp[name]``."""
-    scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed)
+    scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed, estimate_brainmask)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
     can: CanonicalImage = scan["canonical"]
     out = synthesize_volume(G, x, y, patch=patch, overlap=overlap, device=device, amp=amp)
@@ -291,8 +316,9 @@ def _synthesise(
         write_like(result, can, tmp["pseudohealthy"], dtype=np.float32, overwrite=True, inputs=job.inputs)
         done = "removed"
     n = scan["n_lesions"]
-    return {"n": n, "mask": scan["mask_source"], "label_split": scan["label_split"],
-            "message": f"{n} lesions {done} ({scan['mask_source']} mask)"}
+    bm_note = ", estimated brain mask" if scan["brainmask_source"] == "estimated" else ""
+    return {"n": n, "mask": scan["mask_source"], "brainmask": scan["brainmask_source"] or "none",
+            "label_split": scan["label_split"], "message": f"{n} lesions {done} ({scan['mask_source']} mask{bm_note})"}
 
 
 def _count_lesions(job: BatchJob) -> dict[str, Any]:
@@ -319,12 +345,13 @@ def run_inference(
     device: torch.device | str | None = None,
     amp: bool = False,
     raise_on_error: bool = True,
+    estimate_brainmask: bool = True,
 ) -> dict[str, Any]:
     """Synthesise CMBs on every healthy scan (or remove them: ``direction="pseudo_healthy"``).
 
     Args:
-        dataset_dir: a folder of SWI NIfTI files or DICOM series (with ``<id>_brainmask``/``<id>_mask`` beside
-            them) or a ``datalist.json`` (or a folder holding one); see :func:`find_scans`.
+        dataset_dir: a folder of SWI NIfTI files or DICOM series folders (optionally with ``<id>_brainmask`` /
+            ``<id>_mask`` beside them) or a ``datalist.json`` (or a folder holding one); see :func:`find_scans`.
         output_dir: where outputs go (created; must be writable and differ from the input folder).
         G_HP, G_PH: the generator for the chosen direction (built by the config).
         ckpt_dir: if given, ``G_HP.pt`` / ``G_PH.pt`` are loaded from it (weights only, sha256-checked against
@@ -336,6 +363,9 @@ def run_inference(
         patch, overlap, device, amp: see :func:`synthesize_volume`.
         raise_on_error: raise :class:`~cmb_synthesis.data.batch.BatchInferenceError` at the end when any scan
             failed (after processing the rest).
+        estimate_brainmask: scans without a brain mask file get one estimated by MNI152 template registration
+            (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`); False: they go without (and cannot have
+            a lesion mask sampled).
 
     Returns:
         the summary of :func:`cmb_synthesis.data.batch.run_batch` plus ``direction`` (also in
@@ -371,7 +401,8 @@ def run_inference(
     ]
 
     def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
-        return _synthesise(job, tmp, G, direction, lesion_bank, n_lesions, seed, patch, overlap, device, amp)
+        return _synthesise(job, tmp, G, direction, lesion_bank, n_lesions, seed, patch, overlap, device, amp,
+                           estimate_brainmask)
 
     return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(src.parent if src.is_file() else src,),
                      existing=_count_lesions, raise_on_error=raise_on_error, summary_extra={"direction": direction})
