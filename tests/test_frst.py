@@ -1,4 +1,5 @@
-"""3-D FRST: dark spheres above tubes and noise, numpy == torch, spacing, candidates, the dict transform."""
+"""3-D FRST: dark spheres above tubes and noise, numpy == torch, spacing, candidates, the dict transform, and
+the fast path (float32, threads, cropped to the mask) against the float64 full-volume reference path."""
 
 from __future__ import annotations
 
@@ -7,8 +8,14 @@ import pytest
 import torch
 from monai.data import MetaTensor
 
-from transforms.candidates import FRSTCandidatesd, _ellipsoid_footprint, find_candidates, snap_to_darkest
-from transforms.frst import frst_3d, kappa_for_radius
+from transforms.candidates import (
+    FRSTCandidatesd,
+    _ellipsoid_footprint,
+    _local_maxima,
+    find_candidates,
+    snap_to_darkest,
+)
+from transforms.frst import auto_backend, default_workers, frst_3d, frst_margin, kappa_for_radius
 from transforms.spacing import half_widths, snap_spacing, voxel_ratio, within_radius
 
 RADII = (1.0, 1.5, 2.0, 3.0)
@@ -195,8 +202,108 @@ def test_bad_inputs():
         FRSTCandidatesd(keys="image", mask_key=None)({"image": img})
 
 
+def _brain_like(shape, spacing, seed=11):
+    """Noisy head-like volume: a bright ellipsoidal brain (its mask returned) that does not fill the volume,
+    dark spheres of 0.8-2.5 mm inside it, dark tubes through it; (volume, mask, sphere centres in voxels)."""
+    rng = np.random.default_rng(seed)
+    g = np.meshgrid(*[(np.arange(s) - (s - 1) / 2) * p for s, p in zip(shape, spacing)], indexing="ij")
+    semi = [0.36 * s * p for s, p in zip(shape, spacing)]
+    mask = sum((g[a] / semi[a]) ** 2 for a in range(3)) <= 1.0
+    v = np.where(mask, 1.0, 0.1)
+    centres = []
+    for _ in range(14):
+        c = [rng.uniform(-0.6, 0.6) * semi[a] for a in range(3)]
+        r = rng.uniform(0.8, 2.5)
+        v[sum((g[a] - c[a]) ** 2 for a in range(3)) <= r**2] = 0.35
+        centres.append([int(round(c[a] / spacing[a] + (shape[a] - 1) / 2)) for a in range(3)])
+    for _ in range(4):
+        y, z = rng.uniform(-0.5, 0.5) * semi[1], rng.uniform(-0.5, 0.5) * semi[2]
+        v[(g[1] - y) ** 2 + (g[2] - z) ** 2 <= rng.uniform(0.6, 1.5) ** 2] *= 0.5
+    v = v + 0.04 * rng.standard_normal(shape)
+    return v.astype(np.float32), mask, np.array(centres)
+
+
+def test_fast_path_matches_float64_full_volume_reference():
+    """float32 + threads + crop to the mask (the candidate stage's path) against float64 over the whole volume:
+    the same map (correlation >= 0.999 inside the mask, float noise only), exactly 0 outside the widened mask
+    box, the same candidates; cropping alone is exact and the thread count changes nothing."""
+    spacing = (0.98, 0.98, 1.0)
+    v, mask, centres = _brain_like((72, 80, 56), spacing)
+    ref = frst_3d(v, spacing, mask=mask, dtype=np.float64, workers=1, crop=False)
+    fast = frst_3d(v, spacing, mask=mask, dtype=np.float32)
+    assert fast.dtype == np.float32 and fast.shape == v.shape
+    assert np.corrcoef(fast[mask], ref[mask])[0, 1] >= 0.999
+    assert np.abs(fast - ref).max() <= 1e-3 * ref.max()
+    # the widened box is smaller than the volume here, so cropping is exercised; outside it both are 0
+    margin = frst_margin(spacing, (0.75, 1.0, 1.5, 2.0))
+    idx = np.argwhere(mask)
+    lo, hi = np.maximum(idx.min(0) - margin, 0), np.minimum(idx.max(0) + 1 + np.array(margin), v.shape)
+    assert np.any(lo > 0) and np.any(hi < v.shape)
+    outside = np.ones(v.shape, bool)
+    outside[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = False
+    assert not ref[outside].any() and not fast[outside].any()
+    cropped64 = frst_3d(v, spacing, mask=mask, dtype=np.float64, workers=1)
+    np.testing.assert_allclose(cropped64, ref, rtol=1e-10, atol=1e-12 * ref.max())
+    np.testing.assert_array_equal(frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=1),
+                                  frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=3))
+    # candidates: the same list (voxels and order) as from the reference map, every sphere among them
+    c_ref, s_ref = find_candidates(ref, mask, spacing, image=v)
+    c_fast, s_fast = find_candidates(fast, mask, spacing, image=v)
+    np.testing.assert_array_equal(c_fast, c_ref)
+    np.testing.assert_allclose(s_fast, s_ref, rtol=1e-4)
+    found = [np.abs(c_ref[:40] - c).max(axis=1).min() <= 2 for c in centres]
+    assert np.mean(found) >= 0.8, found  # a meaningful map: most spheres rank high
+    # the torch backend (float64) agrees with the cropped numpy path as well
+    t = frst_3d(torch.as_tensor(v), spacing, mask=torch.as_tensor(mask), dtype=torch.float64).numpy()
+    np.testing.assert_allclose(t, ref, rtol=1e-10, atol=1e-12 * ref.max())
+
+
+def test_local_maxima_equal_the_ellipsoid_maximum_filter():
+    """The fast non-maximum suppression equals ``scipy.ndimage.maximum_filter`` with the ellipsoid footprint
+    (ties, anisotropic spacings, volumes thinner than the footprint, candidates at the volume's edges)."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    for _ in range(40):
+        shape = tuple(int(s) for s in rng.integers(1, 22, 3))
+        spacing = tuple(float(s) for s in rng.choice([0.5, 0.7, 0.98, 1.0, 1.5, 2.0], 3))
+        x = np.round(rng.random(shape) * rng.choice([3, 1000])).astype(rng.choice([np.float32, np.float64]))
+        fp = _ellipsoid_footprint(float(rng.choice([0.5, 1.0, 2.0, 3.0, 4.0])), spacing)
+        cand = rng.random(shape) > 0.3
+        full = ndimage.maximum_filter(x, footprint=fp, mode="constant", cval=-np.inf)
+        np.testing.assert_array_equal(_local_maxima(x, fp, cand), np.argwhere(cand & (x >= full)))
+    assert _local_maxima(np.zeros((4, 4, 4)), _ellipsoid_footprint(1.0, (1, 1, 1)), np.zeros((4, 4, 4), bool)).shape == (0, 3)
+
+
+def test_defaults_pick_the_fast_path(monkeypatch):
+    """FRSTCandidatesd defaults: auto backend (numpy without CUDA; torch on CUDA when available), float32,
+    default_workers threads, cropping; its candidates equal the exact path's on a small volume."""
+    spacing = (0.98, 0.98, 1.0)
+    v, mask, _ = _brain_like((48, 52, 40), spacing, seed=3)
+    data = {"image": v[None], "brainmask": mask[None].astype(np.uint8)}
+    fast = FRSTCandidatesd(spacing=spacing, map_key="frst")(data)
+    exact = FRSTCandidatesd(spacing=spacing, backend="numpy", dtype=np.float64, workers=1, crop=False,
+                            map_key="frst")(data)
+    assert fast["frst"].dtype == np.float32
+    np.testing.assert_array_equal(fast["candidates"], exact["candidates"])
+    assert np.corrcoef(fast["frst"][0][mask], exact["frst"][0][mask])[0, 1] >= 0.999
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert auto_backend() == ("numpy", None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert auto_backend() == ("torch", "cuda")
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert default_workers() == 1
+    finally:
+        torch.set_num_threads(n)
+    with pytest.raises(ValueError, match="backend"):
+        FRSTCandidatesd(backend="cupy")
+
+
 def test_candidate_stage_on_phantom_scans(tiny_cohort):
-    """Preprocessed phantom test scans: the default candidate stage hits the CMBs with at most the cap."""
+    """Preprocessed phantom test scans: the default candidate stage hits the CMBs with at most the cap, and
+    its candidates are those of the float64 full-volume reference path (the pre-speed-up computation)."""
     from monai.data import load_decathlon_datalist
 
     from cmb_synthesis.evaluation.hits import match_candidates
@@ -204,11 +311,16 @@ def test_candidate_stage_on_phantom_scans(tiny_cohort):
     from transforms.pipelines import preprocessing
 
     pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
-    cand = FRSTCandidatesd(keys="image", mask_key="brainmask", workers=2)
+    cand = FRSTCandidatesd(keys="image", mask_key="brainmask")
+    exact = FRSTCandidatesd(keys="image", mask_key="brainmask", backend="numpy", dtype=np.float64, workers=1,
+                            crop=False)
     hit = total = 0
     for item in load_decathlon_datalist(tiny_cohort, True, "test"):
         d = cand(pre({k: item[k] for k in ("image", "brainmask", "label")}))
         coords = d["candidates"]
+        e = exact({k: d[k] for k in ("image", "brainmask")})
+        np.testing.assert_array_equal(coords, e["candidates"])
+        np.testing.assert_allclose(d["candidates_score"], e["candidates_score"], rtol=1e-4)
         assert 0 < len(coords) <= DEFAULT_MAX_CANDIDATES
         assert np.all(d["brainmask"][0].numpy()[tuple(coords.T)] > 0)  # inside the brain
         r = match_candidates(item["id"], coords, d["candidates_score"], d["label"][0].numpy())
