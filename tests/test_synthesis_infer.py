@@ -137,3 +137,44 @@ def test_run_inference_reads_a_dicom_series_and_writes_back_in_its_space(tmp_pat
     lo, hi = np.percentile(can.array[bm > 0], 0), np.percentile(can.array[bm > 0], 99.5)
     expected = source - 0.5 * (np.clip(source, lo, hi) - lo)  # the darkening mapped back through the scale
     assert np.allclose(data[lesion], expected[lesion], atol=0.05) and data[lesion].mean() < source[lesion].mean() - 20
+
+
+def test_scans_without_a_brain_mask_nifti_and_dicom_get_one_estimated(tmp_path, tiny_cohort):
+    """A phantom scan delivered without ``<id>_brainmask`` (as NIfTI, and as an LPS DICOM series): synthesis
+    inference estimates the brain mask (MNI152 registration) and paints lesions sampled inside it."""
+    pytest.importorskip("itk")
+    from dicom_writer import write_dicom_series
+
+    from cmb_synthesis.data.scans import to_canonical
+    from transforms.lesion_mask import LesionBank
+
+    base = Path(tiny_cohort).parent
+    item = next(i for i in json.loads(Path(tiny_cohort).read_text())["training"] if i.get("group") == "healthy")
+    src = tmp_path / "in"
+    src.mkdir()
+    img = nib.load(str(base / item["image"]))
+    nib.save(img, str(src / "h1_swi.nii.gz"))  # alone: no brain mask, no lesion mask
+    truth = to_canonical(base / item["brainmask"], dtype=None).array > 0
+    vol = np.rint(np.asarray(img.dataobj, np.float32)).astype(np.int16)
+    lps = nib.Nifti1Image(vol, img.affine).as_reoriented(nib.orientations.axcodes2ornt(("L", "P", "S")))
+    write_dicom_series(np.asarray(lps.dataobj), src / "h2", affine_ras=lps.affine)
+
+    lab, bm = np.zeros((20, 20, 20), np.int64), np.ones((20, 20, 20), np.uint8)
+    lab[8:10, 8:10, 8:10] = 1
+    bank = LesionBank.from_arrays([lab], [bm], spacing=(0.98, 0.98, 1.0))
+    out = tmp_path / "out"
+    summary = run_inference(src, out, G_HP=DarkenUnderMask(), lesion_bank=bank, n_lesions=4, seed=1,
+                            patch=(160, 146, 32))
+    written = {e["id"]: e for e in summary["written"]}
+    assert sorted(written) == ["h1", "h2"] and not summary["failed"]
+    for sid in ("h1", "h2"):
+        e = written[sid]
+        assert e["brainmask"] == "estimated" and e["mask"] == "sampled" and e["n"] >= 1
+        assert "estimated brain mask" in e["message"]
+        labels = to_canonical(out / f"{sid}_synthetic_cmb.nii.gz", dtype=None).array
+        assert labels.shape == truth.shape
+        # the sampled lesions lie in the (true) brain: the estimated mask put them there
+        assert truth[labels > 0].mean() > 0.95
+    with pytest.raises(BatchInferenceError, match="estimate_brainmask is off"):
+        run_inference(src, tmp_path / "out2", G_HP=DarkenUnderMask(), lesion_bank=bank, patch=(160, 146, 32),
+                      estimate_brainmask=False)
