@@ -89,3 +89,22 @@ def test_run_bundle_merges_config_files_in_order_and_passes_overrides(tmp_path):
                                                "nothing": None, "sizes": [24, 24, 16]}, tmp_path / "log.txt")
     assert json.loads(out.read_text()) == {"width": 4, "name": "overlay", "flag": True, "extra": {"a": [1, 2]},
                                            "nothing": None, "sizes": [24, 24, 16]}
+
+
+def test_progress_lines_count_stages_and_give_elapsed_and_remaining_time(tmp_path):
+    """Each stage logs [i/N] with the elapsed wall time and the remaining estimate; cached stages count too."""
+    lines: list[str] = []
+    calls: list[str] = []
+    runner = StageRunner(tmp_path, total=3, log=lines.append)
+    a, b = _counting_stage("a", {"x": 1}, calls), _counting_stage("b", {"x": 2}, calls)
+    runner(a)
+    runner(b)
+    again = StageRunner(tmp_path, total=3, log=lines.append)
+    again(a)
+    again(_counting_stage("c", {"x": 3}, calls))
+    assert lines[0].startswith("[1/3] a: running") and "elapsed" in lines[0] and "remaining unknown" in lines[0]
+    assert lines[1].startswith("[1/3] a: done in") and "remaining ~" in lines[1]
+    assert lines[3].startswith("[2/3] b: done in")
+    assert lines[4] == f"[1/3] a: cached ({again.folder(a).name})"
+    assert lines[5].startswith("[2/3] c: running") and lines[6].startswith("[2/3] c: done in")
+    assert calls == ["a", "b", "c"]
