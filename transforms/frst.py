@@ -4,13 +4,14 @@ Loy and Zelinsky, "Fast radial symmetry for detecting points of interest", IEEE 
 to 3-D with the dark polarity only (cerebral microbleeds are hypointense on SWI), following the choices of
 Kovesi's reference implementation (``fastradial.m``) for the clipping constant and the per-radius scaling:
 
-1. gradient ``g`` by the 3-D Sobel operator (``scipy.ndimage.sobel`` per axis, normalised to intensity/mm by
-   dividing by 32 and by the voxel spacing of that axis);
+1. gradient ``g`` by the 3-D Sobel operator (as ``scipy.ndimage.sobel`` per axis, mirror boundary), normalised
+   to intensity/mm by dividing by 32 and by the voxel spacing of that axis;
 2. only voxels with ``|g| > beta * max|g|`` vote (the maximum is taken inside ``mask`` when one is given);
 3. for every radius ``n`` (in mm; ``n / spacing`` voxels along each axis) the *negatively affected* voxel
    ``p - round(n_vox * g / |g|)`` (the point ``n`` mm down the gradient, i.e. into the dark side) collects one
-   orientation vote ``O_n += 1`` and the magnitude ``M_n += |g|``. Accumulation uses ``np.bincount``
-   (numpy backend) or ``Tensor.index_add_`` (torch backend), never ``np.add.at``. Votes falling outside the
+   orientation vote ``O_n += 1`` and the magnitude ``M_n += |g|``. Accumulation uses ``np.add.at`` with an
+   array of values (NumPy's fast path, the order of additions of ``np.bincount``; numpy backend) or
+   ``Tensor.index_add_`` (torch backend) on a volume padded by the largest offset. Votes falling outside the
    volume are dropped;
 4. ``O_n`` is clipped at ``kappa_n`` (8 for n = 1, 9.9 otherwise) and
    ``F_n = (M_n / kappa_n) * (O~_n / kappa_n) ** alpha``;
@@ -20,7 +21,11 @@ Kovesi's reference implementation (``fastradial.m``) for the clipping constant a
    positive at dark blobs (Loy and Zelinsky's ``-S`` for a dark-only transform).
 
 Both backends compute the same map (float64 by default; relative difference ~1e-12, and < 1e-4 in
-float32). The torch backend runs on the device of the input tensor.
+float32). The torch backend runs on the device of the input tensor; ``backend="auto"`` picks torch on CUDA
+when a GPU is available, else numpy. Speed (issue 14, ``docs/frst.md`` "Speed"): with a mask the
+computation is restricted to the mask's bounding box widened by :func:`frst_margin` (exact); the numpy
+backend works in slabs along X in ``workers`` threads, with eight shared Sobel passes, banded-matrix
+Gaussian passes and everything in ``dtype`` (float32 in the candidate stage).
 
 Candidate proposal from the map (local maxima, NMS, the MONAI transform ``FRSTCandidatesd``) is
 :mod:`transforms.candidates`. Defaults were tuned on the phantom training split with ``scripts/tune_frst.py``
