@@ -1,13 +1,14 @@
 """One calibration round of the ``benchmark`` phantom: generate, train the real-only detector, evaluate on VALIDATION.
 
     OMP_NUM_THREADS=1 python scripts/calibrate_benchmark.py --round r1 --workdir /tmp/calib \\
-        [--seed 0] [--option KEY=VALUE ...] [--site-option SITE:KEY=VALUE ...] [--note TEXT] \\
+        [--seed 0] [--option KEY=VALUE ...] [--site-option SITE:KEY=VALUE ...] [--min-mean-lesions N] \\
+        [--note TEXT] \\
         [--record docs/results/calibration]
 
 Steps (each skipped when its output already exists in ``<workdir>/<round>/``, so an interrupted round resumes):
 
 1. ``python -m cmb_synthesis.phantom --preset benchmark --seed S --n-test-pathological 0 [--option ...]
-   [--site-option ...]`` into ``cohort/``: training and validation splits only (the test split is never
+   [--site-option ...] [--min-mean-lesions N]`` into ``cohort/``: training and validation splits only (the test split is never
    generated while calibrating, so it cannot be looked at);
 2. the detection bundle's default CPU training, real-only and without cDA (``python -m monai.bundle run
    training --config_file bundles/cmb_detection/configs/train.yaml --datalist ... --ckpt_dir ... --cache_dir
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="cohort seed (training seed stays the bundle's)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--site-option", action="append", default=[], metavar="SITE:KEY=VALUE")
+    p.add_argument("--min-mean-lesions", type=float, default=None, help="floor of planned CMBs per pathological scan")
     p.add_argument("--note", default="", help="why this round (recorded)")
     p.add_argument("--record", default=str(REPO / "docs/results/calibration"), help="rounds.json folder")
     p.add_argument("--n_bootstrap", type=int, default=1000)
@@ -167,6 +169,8 @@ def main(argv: list[str] | None = None) -> int:
         gen_cmd += ["--option", o]
     for o in args.site_option:
         gen_cmd += ["--site-option", o]
+    if args.min_mean_lesions is not None:
+        gen_cmd += ["--min-mean-lesions", str(args.min_mean_lesions)]
     train_cmd = [py, "-m", "monai.bundle", "run", "training", "--config_file", TRAIN_CFG, "--datalist", str(datalist),
                  "--ckpt_dir", str(models), "--cache_dir", str(cache), "--log_dir", str(work / "runs"),
                  "--training_data", "real", "--cda", "false"]
@@ -199,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         "round": args.round, "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
         "commit": commit, "note": args.note, "seed": args.seed,
         "options": dict(o.split("=", 1) for o in args.option), "site_options": list(args.site_option),
+        "min_mean_lesions": meta.get("min_mean_lesions"),
         "sites": meta.get("sites"), "lesions_per_split": meta.get("lesions_per_split"),
         "validation": _summary(metrics), "validation_breakdown_at_10fp": br,
         "training": {k: train_metrics.get(k) for k in ("best_metric", "best_epoch", "training_candidates",
@@ -208,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": "OMP_NUM_THREADS=1 python scripts/calibrate_benchmark.py --round " + args.round
                    + " --workdir WORKDIR --seed " + str(args.seed)
                    + "".join(f" --option '{o}'" for o in args.option)
-                   + "".join(f" --site-option '{o}'" for o in args.site_option),
+                   + "".join(f" --site-option '{o}'" for o in args.site_option)
+                   + ("" if args.min_mean_lesions is None else f" --min-mean-lesions {args.min_mean_lesions}"),
         "steps": {"generate": " ".join(rel[1:]).replace(str(work), "WORKDIR/" + args.round),
                   "train": " ".join(train_cmd[1:]).replace(str(work), "WORKDIR/" + args.round),
                   "evaluate": " ".join(eval_cmd[1:]).replace(str(work), "WORKDIR/" + args.round)},

@@ -381,3 +381,17 @@ def test_site_overrides_apply_to_one_site_and_are_recorded(tmp_path):
     r = _cli("--output", str(tmp_path / "g"), "--preset", "benchmark", "--site-option", "snr=[1, 2]")
     assert r.returncode == 2 and "SITE:KEY=VALUE" in r.stderr
     assert not any((tmp_path / n).exists() for n in "defg")
+
+
+def test_min_mean_lesions_override_plans_more_cmbs(tmp_path):
+    from cmb_synthesis.phantom import planned_lesions
+
+    base = planned_lesions("benchmark", 0)
+    more = planned_lesions("benchmark", 0, min_mean_lesions=9.0)
+    assert all(sum(more[s]) >= 9 * len(more[s]) for s in more) and sum(more["test"]) > sum(base["test"])
+    assert planned_lesions("benchmark", 0, min_mean_lesions=None) == base
+    with pytest.raises(ValueError, match="plans no lesion counts"):
+        generate_cohort(tmp_path / "x", preset="default", min_mean_lesions=9.0)
+    r = _cli("--output", str(tmp_path / "y"), "--preset", "benchmark", "--min-mean-lesions", "40")
+    assert r.returncode == 2 and "maximum" in r.stderr
+    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="phantom option for every subject (JSON value), repeatable")
     p.add_argument("--site-option", action="append", default=[], metavar="SITE:KEY=VALUE",
                    help="phantom option for the subjects of one site of a realism preset (JSON value), repeatable")
+    p.add_argument("--min-mean-lesions", type=float, default=None, metavar="N",
+                   help="realism presets: floor of planned CMBs per pathological scan in every split")
     for key in SPLIT_KEYS:
         p.add_argument("--" + key.replace("_", "-"), dest=key, type=int, default=None,
                        help=f"override the preset's {key[2:].replace('_', ' ')} count")
@@ -69,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         path = generate_cohort(args.output, preset=args.preset, seed=args.seed, overwrite=args.overwrite,
                                workers=args.workers, options=_options(args.option),
-                               site_overrides=_site_options(args.site_option), **counts)
+                               site_overrides=_site_options(args.site_option),
+                               min_mean_lesions=args.min_mean_lesions, **counts)
     except (ValueError, FileExistsError, FileNotFoundError, PermissionError, NotADirectoryError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -140,18 +140,21 @@ def _counts(preset: str, overrides: Mapping[str, int | None]) -> dict[str, int]:
     return counts
 
 
-def planned_lesions(preset: str, seed: int = 0, **split_counts: int | None) -> dict[str, list[int]] | None:
+def planned_lesions(preset: str, seed: int = 0, min_mean_lesions: float | None = None,
+                    **split_counts: int | None) -> dict[str, list[int]] | None:
     """Planned CMB counts of the pathological subjects of each split (plan order) for a realism preset
     (``benchmark``), ``None`` for presets whose counts are drawn per subject (``default``, ``paper``).
 
     Cheap (no simulation): the counts a cohort of this preset, seed and split counts is generated with. A
     lesion that cannot be placed is dropped, so the ``n_lesions`` of the datalist items can only fall below.
+    ``min_mean_lesions`` overrides the preset's floor of planned CMBs per pathological scan.
     """
     counts = _counts(preset, split_counts)
     if preset not in REALISM_PRESETS:
         return None
     cfg = REALISM_PRESETS[preset]
-    return {split: plan_lesion_counts(int(seed), split, counts[f"n_{short}_pathological"], cfg["min_mean_lesions"],
+    floor = cfg["min_mean_lesions"] if min_mean_lesions is None else float(min_mean_lesions)
+    return {split: plan_lesion_counts(int(seed), split, counts[f"n_{short}_pathological"], floor,
                                       maximum=int(DEFAULT_OPTIONS["max_lesions"]))
             for split, short in SPLITS}
 
@@ -164,6 +167,7 @@ def generate_cohort(
     workers: int = 1,
     options: Mapping[str, Any] | None = None,
     site_overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    min_mean_lesions: float | None = None,
     **split_counts: int | None,
 ) -> Path:
     """Simulate a cohort into ``output_dir`` and return the path of its ``datalist.json``.
@@ -180,6 +184,8 @@ def generate_cohort(
         options: phantom options (``subject.DEFAULT_OPTIONS`` / ``REALISM_OPTIONS``), over the preset's.
         site_overrides: realism presets only: per-site phantom options over the preset's ``sites``
             (``{"B": {"snr": [18, 26]}}``), applied to that site's subjects only (``options`` still win).
+        min_mean_lesions: realism presets only: the floor of planned CMBs per pathological scan of every split
+            (``benchmark.plan_lesion_counts``) instead of the preset's.
         split_counts: ``n_train_pathological`` ... ``n_test_healthy`` overriding the preset.
 
     Raises:
@@ -200,6 +206,9 @@ def generate_cohort(
         raise ValueError(f"unknown phantom options {unknown}; expected keys of {sorted(known)}")
     realism = REALISM_PRESETS.get(preset)
     sites_cfg = _merged_sites(preset, realism, site_overrides, known)
+    if min_mean_lesions is not None and realism is None:
+        raise ValueError(f"min_mean_lesions given, but preset {preset!r} plans no lesion counts "
+                         f"(realism presets: {sorted(REALISM_PRESETS)})")
     out = Path(output_dir)
     parent = out.resolve().parent
     if not parent.is_dir():
@@ -214,7 +223,7 @@ def generate_cohort(
     children = np.random.SeedSequence(int(seed)).spawn(len(plan))
     subject_options = [options] * len(plan)
     if realism is not None:
-        lesion_plan = {k: list(v) for k, v in planned_lesions(preset, seed, **counts).items()}
+        lesion_plan = {k: list(v) for k, v in planned_lesions(preset, seed, min_mean_lesions, **counts).items()}
         sites = {(split, group): iter(assign_sites(counts[f"n_{short}_{group}"], sorted(sites_cfg)))
                  for split, short in SPLITS for group in ("pathological", "healthy")}
         subject_options = []
@@ -249,7 +258,9 @@ def generate_cohort(
         if realism is not None:
             meta["options"] = {**DEFAULT_OPTIONS, **REALISM_OPTIONS, **realism["options"], **options}
             meta["sites"] = sites_cfg
-            meta["lesions_planned_per_split"] = {s: sum(v) for s, v in planned_lesions(preset, seed, **counts).items()}
+            meta["min_mean_lesions"] = realism["min_mean_lesions"] if min_mean_lesions is None else float(min_mean_lesions)
+            meta["lesions_planned_per_split"] = {s: sum(v) for s, v in
+                                                 planned_lesions(preset, seed, min_mean_lesions, **counts).items()}
             meta["mimic_codes"] = MIMIC_CODES
             meta["mimics_per_split"] = {s: {t: int(sum(i["mimic_counts"][t] for i in datalist[s])) for t in MIMIC_TYPES}
                                         for s, _ in SPLITS}
