@@ -154,13 +154,13 @@ def test_detection_overwrite_rerun_failing_keeps_the_previous_candidate_rows(tmp
     src, out = tmp_path / "in", tmp_path / "det"
     for n in (1, 2):
         _scan(src, f"s{n}_swi", n)
-    detection.run_inference(_detector(), src, out)
+    detection.run_inference(_detector(), src, out, threshold=0.5)
     rows = (out / "candidates.csv").read_text().splitlines()
     s1 = {name: (out / name).read_bytes() for name in ("s1_cmb_prob.nii.gz", "s1_candidates.csv")}
     assert any(r.startswith("s1_swi.nii.gz,") for r in rows) and any(r.startswith("s2_swi.nii.gz,") for r in rows)
     _fail_saving(monkeypatch, ".s1_cmb_prob.nii.gz.")
     with pytest.raises(BatchInferenceError, match="1 of 2 scans failed"):
-        detection.run_inference(_detector(), src, out, overwrite=True)
+        detection.run_inference(_detector(), src, out, overwrite=True, threshold=0.5)
     assert {name: (out / name).read_bytes() for name in s1} == s1
     again = (out / "candidates.csv").read_text().splitlines()
     assert again[0] == rows[0] and sorted(again) == sorted(rows)  # s1's earlier rows kept, s2's rewritten
@@ -183,7 +183,7 @@ def test_clashing_ids_are_made_unique_and_every_scan_is_processed(tmp_path):
     src = tmp_path / "det_in"
     _scan(src, "x", 1)
     _scan(src, "x_swi", 2)
-    summary = detection.run_inference(_detector(), src, tmp_path / "det")
+    summary = detection.run_inference(_detector(), src, tmp_path / "det", threshold=0.5)
     assert {(e["id"], Path(e["image"]).name) for e in summary["written"]} == {("x", "x.nii.gz"), ("x_swi", "x_swi.nii.gz")}
     assert summary["n_inputs"] == 2 and not summary["skipped"] and not summary["failed"]
     a, b = (nib.load(str(tmp_path / "det" / f"{i}_cmb_prob.nii.gz")).get_fdata() for i in ("x", "x_swi"))
@@ -221,7 +221,7 @@ def test_unwritable_output_folder_is_refused_before_any_scan(tmp_path, monkeypat
     with pytest.raises(NotADirectoryError, match="a_file: output folder is an existing file"):
         run_inference(src, a_file, G_HP=G, patch=PATCH)
     with pytest.raises(NotADirectoryError, match="a_file/sub: cannot create the output folder, a parent is a file"):
-        detection.run_inference(_detector(), src, a_file / "sub")
+        detection.run_inference(_detector(), src, a_file / "sub", threshold=0.5)
     read_only = tmp_path / "read_only"
     read_only.mkdir()
     read_only.chmod(0o555)
@@ -252,12 +252,12 @@ def test_stale_temporaries_are_removed_and_outputs_inside_the_input_folder_are_n
     (out / ".cohort.abcdefgh.tmp" / "x.nii.gz").write_bytes(b"half")
     (out / ".keep").write_text("user file")
     (out / "notes.txt").write_text("user file")
-    summary = detection.run_inference(_detector(), src, out)
+    summary = detection.run_inference(_detector(), src, out, threshold=0.5)
     assert summary["n_inputs"] == 2 and sorted(e["id"] for e in summary["written"]) == ["s1", "s2"]
     hidden = sorted(p.name for p in out.iterdir() if p.name.startswith("."))
     assert hidden == [".keep"] and (out / "notes.txt").read_text() == "user file"
     # the output folder, now inside the input folder and full of outputs, is not taken for a DICOM series
-    again = detection.run_inference(_detector(), src, out)
+    again = detection.run_inference(_detector(), src, out, threshold=0.5)
     assert again["n_inputs"] == 2 and sorted(e["id"] for e in again["skipped"]) == ["s1", "s2"] and not again["failed"]
     # the same for synthesis (a folder input)
     syn = run_inference(src, src / "syn", G_HP=Darken(), patch=PATCH)
@@ -312,7 +312,8 @@ def test_a_scan_with_nothing_to_paint_fails_and_writes_nothing(tmp_path):
     assert "no lesion to paint: the mask" in failed["empty"] and "empty_mask.nii.gz is empty" in failed["empty"]
     assert "no lesion to paint: all 1 lesions of" in failed["outside"] and "outside the brain mask" in failed["outside"]
     assert "no lesion to paint: 0 lesions placed (n_lesions=0" in failed["sampled"]
-    assert "needs a brain mask: no" in failed["nobrain"] and "nobrain_brainmask.nii.gz" in failed["nobrain"]
+    # no brain mask beside it: one is estimated (synthesis inference's fallback), then nothing is placed
+    assert "no lesion to paint: 0 lesions placed" in failed["nobrain"] and "brain mask (estimated)" in failed["nobrain"]
     assert sorted(p.name for p in out.glob("*.nii.gz")) == ["ok_synthetic.nii.gz", "ok_synthetic_cmb.nii.gz"]
     with open(out / "summary.csv", newline="") as f:
         status = {r["id"]: r["status"] for r in csv.DictReader(f)}

@@ -326,27 +326,35 @@ def _channel_first(array: Any, affine: np.ndarray, source: str) -> MetaTensor:
     return mt
 
 
-def _at_spacing(spacing: Sequence[float], target: Sequence[float] | None, rtol: float = 1e-3) -> bool:
-    """True when ``spacing`` already is ``target`` (within ``rtol``: float32 header noise is not resampled)."""
+def _on_grid(affine: np.ndarray, target: Sequence[float] | None, rtol: float = 1e-3) -> bool:
+    """True when a RAS ``affine`` already is the detector's grid: voxel size ``target`` (within ``rtol``: float32
+    header noise is not resampled) and axes along the world's R, A, S (no obliquity)."""
     if target is None:
         return True
-    return bool(np.allclose(np.asarray(spacing, np.float64), np.asarray(target, np.float64), rtol=rtol, atol=0.0))
+    lin = np.asarray(affine, np.float64)[:3, :3]
+    zooms = np.sqrt((lin ** 2).sum(axis=0))
+    direction = lin / zooms
+    return bool(np.allclose(zooms, np.asarray(target, np.float64), rtol=rtol, atol=0.0)
+                and np.allclose(direction, np.eye(3), atol=1e-4))
 
 
 def resample_to_spacing(data: dict[str, Any], spacing: Sequence[float], image_keys: Sequence[str] = ("image",),
                         nearest_keys: Sequence[str] = ()) -> dict[str, Any]:
-    """Resample channel-first RAS MetaTensors to ``spacing`` (mm) with MONAI ``Spacingd``.
+    """Resample channel-first MetaTensors to ``spacing`` (mm) on a world-aligned RAS grid (MONAI ``Spacingd``,
+    ``diagonal=True``).
 
     Images bilinearly (border padding), masks and labels (``nearest_keys``) by nearest neighbour, keeping their
-    integer values and dtype. The grid keeps the orientation (direction cosines) and the world position of
-    voxel (0, 0, 0); its affine is the MetaTensor's ``affine``. Keys absent from ``data`` are skipped.
+    integer values and dtype. The grid's axes are the world's R, A, S (an oblique acquisition is resampled onto
+    axis-aligned voxels, like the training scans) and it covers the input's whole field of view; its affine is
+    the MetaTensor's ``affine``. Keys absent from ``data`` are skipped.
     """
     from monai.transforms import Spacingd
 
     keys = [k for k in (*image_keys, *nearest_keys) if data.get(k) is not None]
     modes = ["bilinear" if k in image_keys else "nearest" for k in keys]
     dtypes = {k: data[k].dtype for k in keys}
-    out = Spacingd(keys, pixdim=tuple(float(s) for s in spacing), mode=modes, padding_mode="border")(dict(data))
+    out = Spacingd(keys, pixdim=tuple(float(s) for s in spacing), diagonal=True, mode=modes,
+                   padding_mode="border")(dict(data))
     for k in keys:
         if k in nearest_keys:
             out[k] = torch.round(out[k]).to(dtypes[k])
@@ -380,8 +388,8 @@ def load_scan(
 
     Steps: read (NIfTI or DICOM) -> closest-canonical RAS (exact) -> grid checks of the brain mask and label
     files against the image (a mask on another grid is an error, never silently resampled) -> resampled to
-    ``spacing`` with MONAI ``Spacingd`` (image bilinear, mask and labels nearest; nothing is done when the scan
-    already has that spacing within 0.1 %) -> brain mask estimated on the resampled RAS image when none is
+    ``spacing`` on world-aligned RAS axes with MONAI ``Spacingd`` (image bilinear, mask and labels nearest;
+    nothing is done when the scan already has that spacing within 0.1 % and no obliquity) -> brain mask estimated on the resampled RAS image when none is
     given (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`) -> ``transforms.pipelines.preprocessing``
     (checks, brain-mask percentile clip, rescale to [0, 1]).
 
@@ -429,9 +437,9 @@ def load_scan(
         data["label"] = _channel_first(lab, lab.affine.numpy(), str(label))
     mask_keys = ("brainmask",) if "brainmask" in data else ()
     label_keys = ("label",) if "label" in data else ()
-    # mask and label on the image's grid, checked before any resampling
-    CheckSWId(("image",), mask_keys=mask_keys, label_keys=label_keys)(data)
-    resampled = not _at_spacing(can.spacing, spacing)
+    if mask_keys or label_keys:  # mask and label on the image's grid, checked before any resampling
+        CheckSWId(("image",), mask_keys=mask_keys, label_keys=label_keys)(data)
+    resampled = not _on_grid(can.affine, spacing)
     if resampled:
         data = resample_to_spacing(data, spacing, ("image",), mask_keys + label_keys)  # type: ignore[arg-type]
     affine = np.asarray(data["image"].affine, dtype=np.float64)

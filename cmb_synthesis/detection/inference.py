@@ -167,7 +167,7 @@ def _counts_of(job: BatchJob) -> dict[str, Any]:
     """Summary info of a skipped scan: the rows of its existing ``<id>_detections.csv`` / ``_candidates.csv``."""
     n_det = len(read_detections_csv(job.outputs["detections"]))
     n_cand = len(read_candidates_csv(job.outputs["candidates"]))
-    return {"n_detections": n_det, "n_candidates": n_cand,
+    return {"n_detections": n_det, "n_candidates": n_cand, "n": n_cand,
             "message": f"outputs exist ({n_det} detections; use overwrite to replace them)"}
 
 
@@ -234,7 +234,8 @@ def run_inference(
     belong to ``model_path`` (sha256) and its training spacing must be ``spacing``.
 
     The batch: ``summary.csv`` (``id, status, n_detections, n_candidates, message``), ``inference_summary.json``
-    (the threshold, its source, the spacing, per-scan entries), and, after all scans, ``detections.csv`` and
+    (the threshold, its source, the spacing, per-scan entries with ``n_detections``, ``n_candidates`` and ``n``
+    = ``n_candidates`` as before), and, after all scans, ``detections.csv`` and
     ``candidates.csv`` rebuilt from every scan's files in the folder (written now or by an earlier run). A scan
     whose outputs all exist is skipped unless ``overwrite`` (a folder made at another threshold is refused). If
     any scan failed, :class:`BatchInferenceError` is raised at the end (non-zero exit of ``monai.bundle run``).
@@ -284,7 +285,7 @@ def run_inference(
                    title=f"{job.id}: {n} detection(s) at p >= {thr:.3f} ({decision['source']}); "
                          f"{scan['mask_source']} brain mask", n_slabs=qc_slabs)
         top = float(probs.max()) if len(probs) else 0.0
-        return {"n_detections": n, "n_candidates": int(len(coords)), "mask": scan["mask_source"],
+        return {"n_detections": n, "n_candidates": int(len(coords)), "n": int(len(coords)), "mask": scan["mask_source"],
                 "resampled": bool(scan["resampled"]), "max_probability": top,
                 "message": f"{n} detections, {len(coords)} candidates (max probability {top:.3f}), "
                            f"{scan['mask_source']} brain mask"}
