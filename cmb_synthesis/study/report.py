@@ -44,8 +44,10 @@ def arm_name(training_data: str, cda: bool) -> str:
     return training_data + ("+cDA" if cda else "")
 
 
-def fmt_ci(v: float | None, ci: Sequence[float | None] | None, pct: bool = True, signed: bool = False) -> str:
-    """``95.1 [87.2, 100.0]`` (x100 when ``pct``); ``not reached`` for a missing value, ``inf`` for an open end."""
+def fmt_ci(v: float | None, ci: Sequence[float | None] | None, pct: bool = True, signed: bool = False,
+           digits: int = 1) -> str:
+    """``95.1 [87.2, 100.0]`` (x100 when ``pct``, ``digits`` decimals, a sign when ``signed``); ``not reached``
+    for a missing value, ``inf`` for an open end."""
     if v is None or (isinstance(v, float) and not math.isfinite(v)):
         return "not reached"
     scale = 100.0 if pct else 1.0
@@ -53,7 +55,7 @@ def fmt_ci(v: float | None, ci: Sequence[float | None] | None, pct: bool = True,
     def num(x: float | None) -> str:
         if x is None or not math.isfinite(x):
             return "not reached" if x is None else "inf"
-        return f"{x * scale:+.1f}" if signed else f"{x * scale:.1f}"
+        return f"{x * scale:+.{digits}f}" if signed else f"{x * scale:.{digits}f}"
 
     s = num(v)
     if ci and (ci[0] is not None or ci[1] is not None):
@@ -110,7 +112,7 @@ def table1_markdown(results: Mapping[str, Any], k: str = "all") -> str:
         lines.append(
             f"| {row['training_data']} | {'yes' if row['cda'] else 'no'} | {fmt_ci(lc['sensitivity'], lc['sensitivity_ci95'])} "
             f"| {_per_seed(lc['per_seed_sensitivity'])} | {_fp90_mean(row['fp90'])} "
-            f"| {fmt_ci(lc['cpm'], lc['cpm_ci95'], pct=False)} "
+            f"| {fmt_ci(lc['cpm'], lc['cpm_ci95'], pct=False, digits=3)} "
             f"| {paper.get('sensitivity_at_10', float('nan')) * 100:.1f} | {paper.get('fp_at_90', float('nan')):.1f} |")
     lines += ["", "CI: percentile interval of the test-scan bootstrap (the same resample for every seed) of the mean "
               "over seeds. Paper: Faryna et al., Table 1 (real patients)."]
@@ -126,7 +128,7 @@ def _differences_table(results: Mapping[str, Any]) -> list[str]:
             excl = "n/a" if lo is None else ("yes, better" if lo > 0 else "yes, worse" if hi < 0 else "no")
             per = ", ".join(f"{p['difference'] * 100:+.1f}" for p in d["per_seed"])
             lines.append(f"| {k} | {name} | {fmt_ci(d['difference'], d['ci95'], signed=True)} | {excl} | {per} "
-                         f"| {fmt_ci(d['cpm_difference'], d['cpm_ci95'], pct=False, signed=False)} |")
+                         f"| {fmt_ci(d['cpm_difference'], d['cpm_ci95'], pct=False, signed=True, digits=3)} |")
     return lines
 
 
@@ -137,8 +139,8 @@ def results_markdown(results: Mapping[str, Any]) -> str:
         "# Learning-curve study",
         "",
         f"- Cohort: `{results['datalist']}` (preset `{p.get('preset')}`); quick: {p.get('quick')}.",
-        f"- K values: {p['k_values']} real pathological training scans (all = {p['n_pathological_available']}); "
-        f"seeds {p['seeds']}; arms {p['arms']}.",
+        f"- K values: {', '.join(p['k_values'])} real pathological training scans (all = "
+        f"{p['n_pathological_available']}); seeds {', '.join(map(str, p['seeds']))}; arms {', '.join(p['arms'])}.",
         f"- Synthesis: {'trained per K and seed on exactly the K pathological + the healthy training scans (strict protocol)' if p['strict'] else 'REUSED from ' + str(p['synthesis_ckpt_dir']) + ' for every K: NOT the strict low-data protocol'}.",
         f"- Synthetic scans per real pathological scan: {results['synthetic_per_real']}; bootstrap resamples: "
         f"{results['n_bootstrap']}.",
@@ -166,12 +168,18 @@ def results_markdown(results: Mapping[str, Any]) -> str:
                 at.append(f"{sum(vals) / len(vals) * 100:.1f}" if vals else "-")
             lines.append(f"| {row['name']} | {fmt_ci(lc['sensitivity'], lc['sensitivity_ci95'])} "
                          f"| {_per_seed(lc['per_seed_sensitivity'])} | {_per_seed(row['fp90'], pct=False)} "
-                         f"| {fmt_ci(lc['cpm'], lc['cpm_ci95'], pct=False)} | {' / '.join(at)} |")
+                         f"| {fmt_ci(lc['cpm'], lc['cpm_ci95'], pct=False, digits=3)} | {' / '.join(at)} |")
         lines.append("")
         for r in runs:
-            lines.append(f"- seed {r['seed']}: pathological training scans {r['pathological_ids']}; synthesis trained "
-                         f"on {r['synthesis']['pathological_ids'] if r['synthesis']['strict'] else 'the reused checkpoint'}"
-                         f"; {r['n_synthetic']} synthetic scans.")
+            syn = r["synthesis"]
+            if not syn.get("strict"):
+                saw = f"reused from {syn.get('models')} (not the strict protocol)"
+            elif syn.get("pathological_ids") is None:
+                saw = "not trained (no arm uses synthetic scans)"
+            else:
+                saw = f"trained on {syn['pathological_ids']} + the healthy scans"
+            lines.append(f"- seed {r['seed']}: pathological training scans {r['pathological_ids']}; synthesis "
+                         f"{saw}; {r['n_synthetic']} synthetic scans.")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -209,6 +217,7 @@ def plot_learning_curve(results: Mapping[str, Any], out_png: str | os.PathLike) 
         ax.set_xticks(x, [f"{xi}\n(all)" if k == "all" else str(xi) for xi, k in zip(x, ks)])
         ax.set_xlabel("real pathological training scans K")
         ax.set_ylabel("sensitivity at 10 FP/scan, %")
+        ax.set_ylim(-2, 102)
         ax.set_title("with cDA" if cda else "without cDA")
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right")
