@@ -223,8 +223,8 @@ def run_inference(
       probability``: world RAS mm of the candidate, the input file's nearest voxel, ``label`` = row number);
     - ``<id>_detections.nii.gz``: uint16 instance labels (label k = row k) on balls of ``detection_radius_mm``,
       in the input's grid, affine and header;
-    - ``<id>_qc.png``: axial MinIP montage (``qc_slabs`` slabs) of the resampled scan, detections circled and
-      numbered;
+    - ``<id>_qc.png``: axial MinIP montage (``qc_slabs`` slabs over the brain mask's extent) of the resampled
+      scan, detections circled and numbered;
     - ``<id>_cmb_prob.nii.gz``: float32 probability of every candidate on balls of ``prob_radius_mm`` in the
       input's grid, and ``<id>_candidates.csv`` (all candidates, ``image, i, j, k, x, y, z, probability``).
 
@@ -283,7 +283,7 @@ def run_inference(
         write_in_input_grid(labels, can, tmp["detection_labels"])
         qc_montage(np.asarray(scan["image"][0]), scan["spacing"], det_coords, np.arange(1, n + 1), tmp["qc"],
                    title=f"{job.id}: {n} detection(s) at p >= {thr:.3f} ({decision['source']}); "
-                         f"{scan['mask_source']} brain mask", n_slabs=qc_slabs)
+                         f"{scan['mask_source']} brain mask", n_slabs=qc_slabs, mask=np.asarray(scan["brainmask"][0]))
         top = float(probs.max()) if len(probs) else 0.0
         return {"n_detections": n, "n_candidates": int(len(coords)), "n": int(len(coords)), "mask": scan["mask_source"],
                 "resampled": bool(scan["resampled"]), "max_probability": top,

@@ -135,8 +135,12 @@ def write_in_input_grid(array: np.ndarray, canonical: Any, path: PathLike) -> Pa
 
 
 def qc_montage(image: np.ndarray, spacing: Sequence[float], coords: np.ndarray, labels: Sequence[int],
-               path: PathLike, title: str = "", n_slabs: int = 6) -> Path:
+               path: PathLike, title: str = "", n_slabs: int = 6, mask: np.ndarray | None = None,
+               margin_mm: float = 5.0) -> Path:
     """Axial minimum-intensity-projection montage (PNG) with every detection circled and numbered.
+
+    Each panel is one slab of axial slices (the minimum over the slab: veins and CMBs dark), within the brain
+    mask's bounding box.
 
     Args:
         image: (X, Y, Z) RAS volume (the detector's grid; intensities in [0, 1]).
@@ -144,6 +148,8 @@ def qc_montage(image: np.ndarray, spacing: Sequence[float], coords: np.ndarray, 
         coords: (N, 3) detections' voxel indices in ``image``; labels: (N,) their numbers.
         path: the PNG file (written as given: a temporary path of an atomic unit is fine).
         n_slabs: axial slabs (each a MinIP over its slices), at most the number of slices.
+        mask: (X, Y, Z) brain mask: the montage shows its bounding box plus ``margin_mm`` (the slabs cover the
+            brain, not the air around it); None or empty: the whole volume.
 
     The picture is in neurological convention (patient's right on the right, anterior up), as labelled.
     """
@@ -154,6 +160,15 @@ def qc_montage(image: np.ndarray, spacing: Sequence[float], coords: np.ndarray, 
     img = np.asarray(image, np.float32)
     if img.ndim != 3:
         raise ValueError(f"{path}: QC picture needs an (X, Y, Z) image, got shape {img.shape}")
+    coords = np.asarray(coords, np.int64).reshape(-1, 3)
+    if mask is not None and np.asarray(mask).any():
+        idx = np.argwhere(np.asarray(mask) > 0)
+        pad = np.ceil(float(margin_mm) / np.asarray(spacing, np.float64)).astype(int)
+        lo = np.maximum(idx.min(axis=0) - pad, 0)
+        hi = np.minimum(idx.max(axis=0) + pad + 1, img.shape)
+        img = img[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]]
+        coords = coords - lo
+
     nz = img.shape[2]
     n = max(1, min(int(n_slabs), nz))
     edges = np.linspace(0, nz, n + 1).round().astype(int)
@@ -164,7 +179,6 @@ def qc_montage(image: np.ndarray, spacing: Sequence[float], coords: np.ndarray, 
     h = 4.0 * rows * aspect * img.shape[1] / max(1, img.shape[0]) + 0.6
     fig = Figure(figsize=(w, h), dpi=100)
     FigureCanvasAgg(fig)
-    coords = np.asarray(coords, np.int64).reshape(-1, 3)
     radius = 4.0 / float(spacing[0])  # 4 mm circle
     lo, hi = np.percentile(img, [1, 99.5]) if img.size else (0.0, 1.0)
     for s in range(n):
