@@ -258,11 +258,17 @@ def test_fast_path_matches_float64_full_volume_reference():
     np.testing.assert_allclose(t, ref, rtol=1e-10, atol=1e-12 * ref.max())
 
 
-def test_local_maxima_equal_the_ellipsoid_maximum_filter():
+@pytest.mark.parametrize("many", [None, 0])
+def test_local_maxima_equal_the_ellipsoid_maximum_filter(many, monkeypatch):
     """The fast non-maximum suppression equals ``scipy.ndimage.maximum_filter`` with the ellipsoid footprint
-    (ties, anisotropic spacings, volumes thinner than the footprint, candidates at the volume's edges)."""
+    (ties, anisotropic spacings, volumes thinner than the footprint, candidates at the volume's edges), also
+    through its box-filter step for maps with very many local maxima (``many=0`` forces it)."""
     from scipy import ndimage
 
+    import transforms.candidates as cand_module
+
+    if many is not None:
+        monkeypatch.setattr(cand_module, "_MANY_MAXIMA", many)
     rng = np.random.default_rng(5)
     for _ in range(40):
         shape = tuple(int(s) for s in rng.integers(1, 22, 3))

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 from monai.config import KeysCollection
 from monai.transforms import MapTransform
+from scipy import ndimage
 
 from transforms.frst import (
     DEFAULT_ALPHA,
@@ -42,6 +43,24 @@ def _ellipsoid_footprint(radius_mm: float, spacing: Sequence[float]) -> np.ndarr
     return within_radius(offsets, spacing, max(radius_mm, max(spacing)))
 
 
+#: above this many voxels passing the face-neighbour test, a separable box maximum filter thins them first
+_MANY_MAXIMA = 100_000
+
+
+def _inscribed_box(fp: np.ndarray) -> tuple[int, int, int]:
+    """Half-widths ``(a, b, c)`` of the largest centred box ``[-a, a] x [-b, b] x [-c, c]`` inside the
+    footprint ``fp`` (odd shape, centred)."""
+    h = [s // 2 for s in fp.shape]
+    best, best_vol = (0, 0, 0), 0
+    for a in range(h[0] + 1):
+        for b in range(h[1] + 1):
+            for c in range(h[2] + 1):
+                if fp[h[0] - a:h[0] + a + 1, h[1] - b:h[1] + b + 1, h[2] - c:h[2] + c + 1].all():
+                    if (2 * a + 1) * (2 * b + 1) * (2 * c + 1) > best_vol:
+                        best, best_vol = (a, b, c), (2 * a + 1) * (2 * b + 1) * (2 * c + 1)
+    return best
+
+
 def _local_maxima(fmap: np.ndarray, fp: np.ndarray, candidates: np.ndarray) -> np.ndarray:
     """(N, 3) int64 voxels, in C order, of ``candidates & (fmap >= maximum_filter(fmap, footprint=fp,
     mode='constant', cval=-inf))``, exactly.
@@ -49,7 +68,8 @@ def _local_maxima(fmap: np.ndarray, fp: np.ndarray, candidates: np.ndarray) -> n
     A voxel must first be at least as large as its face neighbours that lie in the footprint (six shifted
     comparisons over the candidates' bounding box); the few voxels that pass are then compared with the
     remaining footprint offsets one offset at a time, nearest first (a maximum is exact in any dtype, so
-    this equals the full maximum filter, ties included)."""
+    this equals the full maximum filter, ties included). When very many voxels pass the first test (a map of
+    noise), a separable maximum filter over the largest box inside the footprint thins them first."""
     h = np.array(fp.shape) // 2
     shape = np.array(fmap.shape)
     box = _mask_box(candidates, h)
@@ -73,6 +93,12 @@ def _local_maxima(fmap: np.ndarray, fp: np.ndarray, candidates: np.ndarray) -> n
                 keep[a] &= sub[a] >= sub[b]
             else:
                 keep[b] &= sub[b] >= sub[a]
+    if np.count_nonzero(keep) > _MANY_MAXIMA:  # e.g. a noise-only map: first the largest box in the footprint
+        a, b, c = _inscribed_box(fp)
+        bmax = ndimage.maximum_filter(sub, size=(2 * a + 1, 2 * b + 1, 2 * c + 1), mode="constant", cval=-np.inf)
+        keep &= sub >= bmax
+        del bmax
+        done[h[0] - a:h[0] + a + 1, h[1] - b:h[1] + b + 1, h[2] - c:h[2] + c + 1] = True
     pts = np.argwhere(keep) + lo  # full-volume coordinates, C order
     vals = fmap[tuple(pts.T)]
     offsets = np.argwhere(fp & ~done) - h
