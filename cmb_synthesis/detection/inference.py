@@ -28,7 +28,7 @@ from cmb_synthesis.evaluation.report import candidate_rows, read_candidates_csv,
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.patches import CandidatePatchesd
 
-__all__ = ["load_classifier", "predict_patches", "detect_scan", "run_evaluation", "run_inference",
+__all__ = ["load_classifier", "predict_patches", "detect_scan", "probability_map", "run_evaluation", "run_inference",
            "BatchInferenceError", "SUMMARY_COLUMNS"]
 
 logger = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ def detect_scan(
     coords, scores = scan_candidates(scan, frst, cache_dir)
     patches = CandidatePatchesd(keys=("image",), patch_size=patch_size)({"image": scan["image"], "candidates": coords})["image"]
     return coords, predict_patches(network, patches, batch_size, device), scores
+
+
+def probability_map(shape: Sequence[int], coords: np.ndarray, probs: np.ndarray, spacing: Sequence[float],
+                    radius_mm: float = 1.5) -> np.ndarray:
+    """(X, Y, Z) float32 map on a grid of voxel size ``spacing`` (mm): each candidate's probability on a ball of
+    ``radius_mm`` around its voxel ``coords`` (max where balls overlap), 0 elsewhere
+    (:func:`cmb_synthesis.detection.outputs.draw_balls` with ``diag(spacing)``; noise in the spacing does not
+    change the ball)."""
+    affine = np.diag([*(float(v) for v in spacing), 1.0])
+    return draw_balls(shape, affine, to_world(coords, affine), probs, radius_mm, np.float32, "max")
 
 
 def _mapped(scan: Mapping[str, Any], coords: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -55,7 +55,8 @@ def draw_balls(shape: Sequence[int], affine: np.ndarray, centres: np.ndarray, va
             earlier ball, e.g. instance labels ordered by probability).
 
     Returns:
-        (X, Y, Z) array of ``dtype``, 0 outside the balls. Each ball contains at least its centre's nearest voxel.
+        (X, Y, Z) array of ``dtype``, 0 outside the balls. A ball holds the voxels within ``radius_mm`` of its
+        centre (boundary included, relative tolerance 1e-5) and at least the centre's nearest voxel.
     """
     if combine not in ("max", "first"):
         raise ValueError(f"combine must be 'max' or 'first', got {combine!r}")
@@ -69,6 +70,9 @@ def draw_balls(shape: Sequence[int], affine: np.ndarray, centres: np.ndarray, va
     lin, inv = a[:3, :3], np.linalg.inv(a)
     half = np.ceil(float(radius_mm) * np.sqrt((inv[:3, :3] ** 2).sum(axis=1))).astype(int) + 1
     offsets = np.stack(np.meshgrid(*[np.arange(-h, h + 1) for h in half], indexing="ij"), -1).reshape(-1, 3)
+    # boundary included, with a relative tolerance: float32 noise in a header's voxel size (1.00000003 mm) does
+    # not move a voxel exactly radius_mm away out of the ball
+    r2 = (float(radius_mm) * (1.0 + 1e-5)) ** 2
     written = np.zeros(shape, bool) if combine == "first" else None
     order = np.argsort(values, kind="stable") if combine == "max" else np.arange(len(values))
     for n in order:
@@ -76,7 +80,7 @@ def draw_balls(shape: Sequence[int], affine: np.ndarray, centres: np.ndarray, va
         base = np.rint(c).astype(np.int64)
         pts = base + offsets
         d = (pts - c) @ lin.T
-        inside = (np.einsum("ij,ij->i", d, d) <= float(radius_mm) ** 2) | np.all(pts == base, axis=1)
+        inside = (np.einsum("ij,ij->i", d, d) <= r2) | np.all(pts == base, axis=1)
         pts = pts[inside & np.all((pts >= 0) & (pts < np.array(shape)), axis=1)]
         if not len(pts):
             continue
