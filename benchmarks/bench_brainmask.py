@@ -37,6 +37,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -212,10 +213,7 @@ def run(datalist: str, split: str, n_scans: int, seed: int, warp_mm: float, outp
         orient = ("LPS", "LAS")[i % 2]
         d = deform_scan(img, aff, {"brainmask": (bm > 0).astype(np.uint8), "label": lab.astype(np.int32)}, rng,
                         spacing=spacing, orientation=orient, warp_mm=warp_mm)
-        from cmb_synthesis.data.scans import to_canonical  # noqa: F401
         # the estimator takes closest-RAS arrays: flip the reoriented axes back (as to_canonical does)
-        import nibabel as nib
-
         ornt = nib.orientations.io_orientation(d["affine"])
         arr_ras = nib.orientations.apply_orientation(d["image"], ornt)
         aff_ras = d["affine"] @ nib.orientations.inv_ornt_aff(ornt, d["image"].shape)
