@@ -332,7 +332,7 @@ def _frst_numpy(
         g = [np.empty(shape, dtype) for _ in range(3)]
         scale = [1.0 / (32.0 * spacing[ax]) for ax in range(3)]
         _run(lambda ab: _sobel_slab(v, ab[0], ab[1], scale, g), slabs, workers)
-        del v
+        v = None  # released (closures above captured the name)
         mag = np.empty(shape, dtype)
 
         def magnitude(ab: tuple[int, int]) -> None:
@@ -353,9 +353,9 @@ def _frst_numpy(
         voters = np.flatnonzero(sel)
         del sel
         m = mag.ravel()[voters].astype(np.float64)
-        del mag
+        mag = None
         units = [g[ax].ravel()[voters].astype(np.float64) / m for ax in range(3)]
-        del g
+        g = None
         # Votes are accumulated in a volume padded by the largest offset, so no bounds test is needed per
         # vote; votes that fell outside the volume land in the padding, which is never read.
         pad = [int(p) + 1 for p in np.ceil(voxel_ratio(max(radii_mm), spacing))]
