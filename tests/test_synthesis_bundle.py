@@ -52,10 +52,10 @@ def trained(tiny_cohort, tmp_path_factory):
 def test_training_writes_checkpoints_metrics_and_weights(trained):
     models = trained / "models"
     names = {p.name for p in models.iterdir()}
-    assert {"G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "lesion_bank.npz", "metrics.json"} <= names
+    assert {"G_HP.pt", "G_PH.pt", "D_P.pt", "D_H.pt", "D_P_lesion.pt", "D_H_lesion.pt", "lesion_bank.npz", "metrics.json"} <= names
     assert "checkpoint_iteration=2.pt" in names
     ckpt = torch.load(models / "checkpoint_iteration=2.pt", weights_only=True)
-    assert {"G_HP", "G_PH", "D_P", "D_H", "g_optimizer", "d_optimizer", "trainer"} <= set(ckpt)
+    assert {"G_HP", "G_PH", "D_P", "D_H", "D_P_lesion", "D_H_lesion", "g_optimizer", "d_optimizer", "trainer"} <= set(ckpt)
     metrics = json.loads((models / "metrics.json").read_text())
     for key in ("identity_mae", "lesion_fidelity", "removal_contrast", "removal_identity_mae", "contrast_real"):
         assert key in metrics["metrics"]
@@ -74,6 +74,26 @@ def test_resume_override_continues_from_saved_iteration(trained, tiny_cohort):
     assert ckpt["trainer"]["iteration"] == 4 and ckpt["trainer"]["max_epochs"] == 2
     hist = json.loads((models / "metrics.json").read_text())["history"]
     assert [h["epoch"] for h in hist] == [2]  # the resumed run validated epoch 2 only: epoch 1 was not redone
+
+
+@pytest.mark.e2e
+def test_lesion_critics_train_checkpoint_and_resume(tiny_cohort, tmp_path):
+    """--lambda_gan_lesion > 0: the lesion-focused critics are trained, reported, checkpointed, exported and
+    restored on resume (their weights and the critics' optimiser state continue)."""
+    _train(tmp_path, tiny_cohort, max_epochs=1, lambda_gan_lesion=1.0)
+    models = tmp_path / "models"
+    first = torch.load(models / "checkpoint_iteration=2.pt", weights_only=True)
+    init = torch.load(models / "D_P_lesion.pt", weights_only=True)
+    assert {"D_P_lesion", "D_H_lesion"} <= set(first)
+    _train(tmp_path, tiny_cohort, max_epochs=2, lambda_gan_lesion=1.0, resume="true")
+    second = torch.load(models / "checkpoint_iteration=4.pt", weights_only=True)
+    assert second["trainer"]["iteration"] == 4
+    for k, v in first["D_P_lesion"].items():
+        torch.testing.assert_close(init[k], v)  # exported = checkpointed weights at iteration 2
+    # trained further from the restored weights (Adam's step count continues: 2 + 2 iterations x n_critic 1)
+    assert any(not torch.equal(v, second["D_P_lesion"][k]) for k, v in first["D_P_lesion"].items())
+    steps = [st["step"] for st in second["d_optimizer"]["state"].values()]
+    assert steps and max(float(s) for s in steps) == 4.0
 
 
 @pytest.mark.e2e

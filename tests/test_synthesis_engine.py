@@ -13,7 +13,14 @@ from monai.handlers import CheckpointLoader, CheckpointSaver
 from torch.utils.data import default_collate
 
 from cmb_synthesis.synthesis.engine import CycleGANTrainer, SynthesisEvaluator
-from cmb_synthesis.synthesis.losses import CriticObjective, GeneratorLoss, GeneratorObjective, paper_terms
+from cmb_synthesis.synthesis.losses import (
+    CriticObjective,
+    GeneratorLoss,
+    GeneratorObjective,
+    LesionAdversarialLoss,
+    LesionCriticObjective,
+    paper_terms,
+)
 from cmb_synthesis.training.handlers import ExportNetworks, NonFiniteLossGuard
 from cmb_synthesis.training.resume import latest_checkpoint
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
@@ -122,6 +129,70 @@ def test_new_loss_term_is_one_config_entry():
         if k.startswith("G_PH."):  # x~_p does not depend on G_PH
             torch.testing.assert_close(d1[k], torch.zeros_like(d1[k]), rtol=0, atol=1e-6)
         torch.testing.assert_close(d2[k], 2 * d1[k], rtol=1e-3, atol=1e-6)
+
+
+def test_two_iterations_with_lesion_focused_critics():
+    """D_P_lesion / D_H_lesion are trained in the critic steps by the critics' optimiser, their terms reported
+    (D_*_lesion, W_*_lesion, GP_*_lesion, GAN_lesion), and frozen in the generator step."""
+    g1, g2, d1, d2 = _nets()
+    dl1, dl2 = CMBCritic(1, channels=4, num_layers_d=1), CMBCritic(1, channels=4, num_layers_d=1)
+    size = (8, 8, 8)
+    before = [copy.deepcopy(d.state_dict()) for d in (dl1, dl2)]
+    loader = torch.utils.data.DataLoader([_item(i) for i in range(4)], batch_size=2)
+    go = torch.optim.Adam(list(g1.parameters()) + list(g2.parameters()), 1e-3, betas=(0.5, 0.99))
+    params_d = [p for d in (d1, d2, dl1, dl2) for p in d.parameters()]
+    do = torch.optim.Adam(params_d, 1e-3, betas=(0.5, 0.99))
+    terms = [*paper_terms(), LesionAdversarialLoss(dl1, dl2, crop_size=size, critic_mask=False)]
+    grads_in_g_step = []
+    gen = GeneratorObjective(g1, g2, d1, d2, terms)
+    gen.register_forward_hook(lambda *a: grads_in_g_step.append(any(p.requires_grad for p in (*dl1.parameters(), *dl2.parameters()))))
+    tr = CycleGANTrainer(
+        "cpu", 1, loader, g1, g2, d1, d2, go, do, CriticObjective(d1), CriticObjective(d2), gen,
+        critic_objective_P_lesion=LesionCriticObjective(dl1, crop_size=size, critic_mask=False),
+        critic_objective_H_lesion=LesionCriticObjective(dl2, crop_size=size, critic_mask=False),
+        epoch_length=2, n_critic=2,
+    )  # fmt: skip
+    tr.run()
+    assert tr.state.iteration == 2
+    out = tr.state.output
+    lesion_keys = {"GAN_lesion", "D_P_lesion", "D_H_lesion", "W_P_lesion", "W_H_lesion", "GP_P_lesion", "GP_H_lesion"}
+    assert lesion_keys <= set(out) and all(isinstance(out[k], float) for k in lesion_keys)
+    assert out["GP"] == 0.5 * (out["GP_P"] + out["GP_H"])  # the whole-patch critics' mean, as before
+    for name, net, old in zip(("D_P_lesion", "D_H_lesion"), (dl1, dl2), before):
+        assert any(not torch.equal(v, old[k]) for k, v in net.state_dict().items()), f"{name} was not updated"
+    assert grads_in_g_step == [False, False]  # frozen while the generators step
+    assert all(p.requires_grad for p in dl1.parameters())  # and trainable again after it
+
+
+def _lesion_config(**overrides):
+    p = ConfigParser()
+    p.read_config(str(CONFIGS / "train.yaml"))
+    base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2)
+    for k, v in {**base, **overrides}.items():
+        p[k] = v
+    p["train#trainer#train_data_loader"] = "$[None]"  # no cohort needed
+    p.parse()
+    return p
+
+
+def test_lesion_critic_is_one_config_value():
+    """train.yaml: lambda_gan_lesion > 0 adds the GAN_lesion term and the two lesion critics' objectives (and
+    their parameters are in the critics' optimiser); 0 (paper.yaml) leaves only the whole-patch critics."""
+    on = _lesion_config(lambda_gan_lesion=0.5)
+    tr = on.get_parsed_content("train#trainer")
+    term = tr.generator_objective.terms[-1]
+    assert isinstance(term, LesionAdversarialLoss) and term.weight == 0.5 and term.crop_size == (16, 16, 8)
+    assert set(tr.lesion_objectives) == {"P_lesion", "H_lesion"}
+    assert tr.lesion_objectives["P_lesion"].critic is on.get_parsed_content("D_P_lesion")
+    opt_ids = {id(q) for g in on.get_parsed_content("d_optimizer").param_groups for q in g["params"]}
+    assert {id(q) for q in on.get_parsed_content("D_H_lesion").parameters()} <= opt_ids
+    off = _lesion_config()  # the default value
+    tr_off = off.get_parsed_content("train#trainer")
+    assert not tr_off.lesion_objectives
+    assert not any(isinstance(t, LesionAdversarialLoss) for t in tr_off.generator_objective.terms)
+    paper = ConfigParser()
+    paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
+    assert float(paper.get_parsed_content("lambda_gan_lesion")) == 0.0
 
 
 def test_nan_guard_stops_with_clear_message(tmp_path):

@@ -17,9 +17,12 @@ from cmb_synthesis.synthesis.losses import (
     CycleConsistencyLoss,
     GeneratorObjective,
     IdentityLoss,
+    LesionAdversarialLoss,
+    LesionCriticObjective,
     LesionCycleLoss,
     critic_input,
     gradient_penalty,
+    lesion_crops,
     paper_terms,
 )
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
@@ -209,3 +212,91 @@ def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_e
     term(cyc).backward()
     assert g1.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in g2.parameters())
+
+
+def _blob(shape, centre, r: float = 1.5) -> torch.Tensor:
+    """(X, Y, Z) binary ball of radius ``r`` voxels at ``centre``."""
+    grid = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij"))
+    return (((grid - torch.tensor(centre).view(3, 1, 1, 1)) ** 2).sum(0) <= r * r).float()
+
+
+def test_lesion_crops_are_centred_on_the_lesion_and_keep_the_gradient():
+    shape, size = (32, 32, 16), (16, 16, 8)
+    mask = torch.zeros(4, 1, *shape)
+    mask[0, 0] = _blob(shape, (16, 15, 8))  # lesion-centred patch
+    mask[1, 0] = _blob(shape, (12, 20, 6))  # off-centre lesion
+    mask[1, 0] += _blob(shape, (28, 3, 13))  # a second, farther lesion: not the one chosen
+    mask[3, 0] = _blob(shape, (1, 30, 1))  # at the border: the crop is shifted inwards
+    image = torch.rand(4, 1, *shape, requires_grad=True)
+    crops, mcrops, index = lesion_crops(image, mask, size)
+    assert crops.shape == (3, 1, *size) and mcrops.shape == (3, 1, *size)
+    assert index.tolist() == [0, 1, 3]  # sample 2 has no lesion: left out
+    # the lesion's centre of mass lands on the crop's centre voxel (size // 2) where the crop fits
+    for k, centre in ((0, (16, 15, 8)), (1, (12, 20, 6))):
+        grid = mcrops[k, 0].nonzero().float().mean(0)
+        torch.testing.assert_close(grid, torch.tensor([8.0, 8.0, 4.0]), msg=str(centre))
+        assert mcrops[k].sum() == _blob(shape, centre).sum()  # the whole lesion, and only it
+        lo = [c - s // 2 for c, s in zip(centre, size)]
+        torch.testing.assert_close(crops[k, 0], image[index[k], 0, lo[0] : lo[0] + 16, lo[1] : lo[1] + 16, lo[2] : lo[2] + 8])
+    assert mcrops[2].sum() == mask[3].sum()  # border lesion entirely inside the shifted crop
+    crops.sum().backward()
+    assert image.grad[0].sum() == 16 * 16 * 8 and image.grad[2].sum() == 0
+    none = lesion_crops(image, torch.zeros_like(mask), size)
+    assert none[0].shape == (0, 1, *size) and len(none[2]) == 0
+    with pytest.raises(ValueError, match="exceeds the patch"):
+        lesion_crops(image, mask, (16, 16, 32))
+    with pytest.raises(ValueError, match="3 positive ints"):
+        lesion_crops(image, mask, (16, 16))
+
+
+def test_lesion_critic_objective_sees_only_the_lesion_crops():
+    """WGAN-GP on the crops: changing the patch away from the lesions leaves the loss unchanged, changing the
+    lesion changes it; no lesion on a side -> zero loss (still in the critic's graph) and named terms W, GP."""
+    shape, size = (32, 32, 16), (16, 16, 8)
+    y = _blob(shape, (16, 16, 8)).expand(2, 1, *shape).clone()
+    real, fake = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    torch.manual_seed(0)
+    obj = LesionCriticObjective(CMBCritic(2, channels=4, num_layers_d=1), crop_size=size, critic_mask=True)
+
+    def run(r, f, mr=y, mf=y):
+        torch.manual_seed(1)  # same penalty interpolation
+        return obj(r, f, mr, mf)
+
+    base = run(real, fake)
+    assert set(base) == {"loss", "W", "GP"} and base["loss"].requires_grad
+    far = fake.clone()
+    far[..., :4, :4, :] = 0.0  # outside the 16x16x8 crop at the centre
+    torch.testing.assert_close(run(real, far)["loss"], base["loss"])
+    near = fake.clone()
+    near[y > 0] = 0.0  # a dark lesion
+    assert not torch.allclose(run(real, near)["loss"], base["loss"])
+    empty = run(real, fake, mf=torch.zeros_like(y))
+    assert empty["loss"].item() == 0.0 and empty["W"].item() == 0.0
+    empty["loss"].backward()  # in the graph of the critic's parameters (DDP needs every parameter used)
+    assert all(p.grad is not None for p in obj.critic.parameters())
+    with pytest.raises(ValueError, match="real_mask and fake_mask"):
+        obj(real, fake)
+
+
+def test_lesion_adversarial_term_is_named_and_trains_only_the_generators_that_made_the_crops():
+    g1, g2 = _perturbed_generators()
+    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
+    dl1, dl2 = CMBCritic(2, channels=4, num_layers_d=1), CMBCritic(2, channels=4, num_layers_d=1)
+    shape, size = (16, 16, 16), (8, 8, 8)
+    x_h, x_p = torch.rand(2, 1, *shape), torch.rand(2, 1, *shape)
+    y = _blob(shape, (8, 8, 8)).expand(2, 1, *shape).clone()
+    term = LesionAdversarialLoss(dl1, dl2, crop_size=size, weight=2.0)
+    out = GeneratorObjective(g1, g2, d1, d2, [CycleConsistencyLoss(), term])(x_h, y, x_p, y)
+    assert {k for k, v in out.items() if v.ndim == 0} == {"G", "CC", "GAN_lesion"}
+    with torch.no_grad():
+        fp, mp, _ = lesion_crops(g1(x_h, y), y, size)
+        fh, mh, _ = lesion_crops(g2(x_p, y), y, size)
+        ref = L_GAN(dl1(critic_input(fp, mp))) + L_GAN(dl2(critic_input(fh, mh)))
+    torch.testing.assert_close(out["GAN_lesion"], ref)
+    torch.testing.assert_close(out["G"].detach(), 10 * out["CC"] + 2 * ref)
+    # the P side alone: gradient into G_HP (the painter) only
+    g1.zero_grad(), g2.zero_grad()
+    p_only = LesionAdversarialLoss(dl1, None, crop_size=size)
+    p_only({"fake_p": g1(x_h, y), "y_hp": y}).backward()
+    assert g1.head.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in g2.parameters())

@@ -62,17 +62,22 @@ def _scalars(out: Mapping[str, Any]) -> dict[str, float]:
 
 
 def loss_output(
-    generator: Mapping[str, Any], critic_P: Mapping[str, Any], critic_H: Mapping[str, Any]
+    generator: Mapping[str, Any],
+    critic_P: Mapping[str, Any],
+    critic_H: Mapping[str, Any],
+    lesion_critics: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, float]:
     """The trainer's ``engine.state.output`` from its objectives' outputs, whatever terms they name.
 
     Every scalar (0-d tensor) of the generator objective's output keeps its name (``G`` and each term, e.g.
     ``CC``, ``ID``, ``AM``, ``GAN``); a critic objective's ``loss`` becomes ``D_P`` / ``D_H`` and its other
     scalars get the critic's suffix (``W`` -> ``W_P``, ``GP`` -> ``GP_P``); ``GP`` is the mean of ``GP_P``
-    and ``GP_H``. Images (non-scalar tensors) are left out. Returns python floats.
+    and ``GP_H``. ``lesion_critics`` (``{"P_lesion": out, "H_lesion": out}``, the lesion-focused critics) are
+    named the same way with their side (``D_P_lesion``, ``W_P_lesion``, ``GP_P_lesion``); they do not enter
+    ``GP``. Images (non-scalar tensors) are left out. Returns python floats.
     """
     out = _scalars(generator)
-    for side, crit in (("P", critic_P), ("H", critic_H)):
+    for side, crit in (("P", critic_P), ("H", critic_H), *(lesion_critics or {}).items()):
         for k, v in _scalars(crit).items():
             out[f"D_{side}" if k == "loss" else f"{k}_{side}"] = v
     if "GP_P" in out and "GP_H" in out:
@@ -98,6 +103,11 @@ class CycleGANTrainer(Trainer):
         generator_objective: the generators' objective
             (:class:`~cmb_synthesis.synthesis.losses.GeneratorObjective` with its weighted loss terms, possibly
             DDP-wrapped), called as ``(x_h, y_hp, x_p, y_p, brainmask_h, brainmask_p)``.
+        critic_objective_P_lesion, critic_objective_H_lesion: optional lesion-focused critics' objectives (ours;
+            :class:`~cmb_synthesis.synthesis.losses.LesionCriticObjective` of ``D_P_lesion`` / ``D_H_lesion``,
+            possibly DDP-wrapped; None: none), called like ``critic_objective_P`` / ``critic_objective_H`` and
+            trained in the same critic steps by ``d_optimizer`` (which must hold their parameters); frozen in the
+            generator step like ``D_P``/``D_H``.
         n_critic: critic steps per generator step (WGAN-GP: 5). The critic steps reuse the iteration's real
             samples and the fakes of the current generators (one data batch per Ignite iteration) with a
             fresh interpolation ``eps`` each step.
@@ -108,7 +118,8 @@ class CycleGANTrainer(Trainer):
     total generator loss and every generator term's unweighted value under its name (the default terms
     ``CC``, ``ID``, ``AM``, ``GAN``), ``D_P``/``D_H`` the critic losses of the last critic step, ``W_P``/``W_H``
     their Wasserstein estimates ``E[D(real)] - E[D(fake)]``, ``GP_P``/``GP_H`` their penalties and ``GP`` the
-    mean of both. ``engine.state.synthesis_images`` holds the first sample's x_h, y_hp, x~_p, reconstruction,
+    mean of both; with lesion-focused critics also ``D_P_lesion``, ``W_P_lesion``, ``GP_P_lesion`` (and ``_H_``).
+    ``engine.state.synthesis_images`` holds the first sample's x_h, y_hp, x~_p, reconstruction,
     x_p, y_p and x~_h (detached, for image grids).
     """
 
@@ -126,6 +137,8 @@ class CycleGANTrainer(Trainer):
         critic_objective_P: nn.Module,
         critic_objective_H: nn.Module,
         generator_objective: nn.Module,
+        critic_objective_P_lesion: nn.Module | None = None,
+        critic_objective_H_lesion: nn.Module | None = None,
         epoch_length: int | None = None,
         n_critic: int = 5,
         non_blocking: bool = False,
@@ -161,6 +174,9 @@ class CycleGANTrainer(Trainer):
         self.n_critic = int(n_critic)
         self.critic_objective_P, self.critic_objective_H = critic_objective_P, critic_objective_H
         self.generator_objective = generator_objective
+        self.lesion_objectives = {
+            k: v for k, v in (("P_lesion", critic_objective_P_lesion), ("H_lesion", critic_objective_H_lesion)) if v is not None
+        }
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.optim_set_to_none = optim_set_to_none
 
@@ -187,7 +203,8 @@ class CycleGANTrainer(Trainer):
         x_h, y_hp, x_p, y_p = b["x_h"], b["y_hp"], b["x_p"], b["y_p"]
         x_p2, y_p2 = (b["x_p2"], b.get("y_p2")) if "x_p2" in b else (x_p, y_p)
         bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
-        nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H)
+        lesion_critics = tuple(getattr(o, "module", o).critic for o in self.lesion_objectives.values())
+        nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H, *lesion_critics)
 
         # critic steps: D_P tells real x_p2 from x~_p = G_HP(x_h, y_hp); D_H tells real x_h from x~_h = G_PH(x_p, y_p)
         with train_mode(*nets_g, *nets_d):
@@ -200,7 +217,15 @@ class CycleGANTrainer(Trainer):
                 with self._autocast():
                     out_p = self.critic_objective_P(x_p2, fake_p, y_p2, y_hp)
                     out_h = self.critic_objective_H(x_h, fake_h, y_hp, y_p)
-                (out_p["loss"].float() + out_h["loss"].float()).backward()
+                    # lesion-focused critics (ours): the same real/fake pairs, cropped at the lesions
+                    out_l = {
+                        k: obj(x_p2, fake_p, y_p2, y_hp) if k == "P_lesion" else obj(x_h, fake_h, y_hp, y_p)
+                        for k, obj in self.lesion_objectives.items()
+                    }
+                loss_d = out_p["loss"].float() + out_h["loss"].float()
+                for o in out_l.values():
+                    loss_d = loss_d + o["loss"].float()
+                loss_d.backward()
                 self.d_optimizer.step()
 
             # generator step: both cycles, critics frozen
@@ -216,7 +241,7 @@ class CycleGANTrainer(Trainer):
             "x_h": x_h[0].detach(), "y_hp": y_hp[0].detach(), "fake_p": g["fake_p"][0], "rec_h": g["rec_h"][0],
             "x_p": x_p[0].detach(), "y_p": y_p[0].detach(), "fake_h": g["fake_h"][0],
         }  # fmt: skip
-        return loss_output(g, out_p, out_h)
+        return loss_output(g, out_p, out_h, out_l)
 
 
 class SynthesisEvaluator(Evaluator):
