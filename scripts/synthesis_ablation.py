@@ -8,6 +8,11 @@ Each run is one ``python -m monai.bundle run training --config_file bundles/cmb_
 after the first quarter of training).
 
     python scripts/synthesis_ablation.py --runs bundles/cmb_synthesis/ablation
+
+``--at_epoch E`` compares every run, finished or still training, at its validation round of epoch ``E`` (the
+same number of iterations for every setup): an unfinished run's history is copied to
+``RUNS/<setup>/seed<S>/metrics_partial.json`` (never counted as a result by the default mode) and the table goes to
+``RUNS/summary_epoch<E>.{json,md}``.
 """
 
 from __future__ import annotations
@@ -30,9 +35,14 @@ TARGETS = {"realism_auc": "<= 0.70", "centre_ratio": "0.9-1.1", "profile_error":
            "removal_contrast": ">= 0.9", "identity_mae": "<= 0.01", "max_identity_after_q1": "<= 0.03"}
 
 
-def run_summary(metrics_json: Path) -> dict:
+def run_summary(metrics_json: Path, at_epoch: int | None = None) -> dict | None:
+    """Final-round metrics of one run (or of its round at ``at_epoch``: None when the run has no such round)."""
     m = json.loads(metrics_json.read_text())
     hist = m.get("history", [])
+    if at_epoch is not None:
+        hist = [h for h in hist if h.get("epoch", 0) <= at_epoch]
+        if not hist or hist[-1].get("epoch") != at_epoch:
+            return None
     last = hist[-1] if hist else {"metrics": m.get("metrics", {})}
     step = "iteration" if any("iteration" in h for h in hist) else "epoch"  # what the writer recorded
     total = m.get("max_epochs") if step == "epoch" else None
@@ -58,8 +68,11 @@ def _fmt(values: list) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="bundles/cmb_synthesis/ablation")
+    ap.add_argument("--at_epoch", type=int, default=None, help="compare all runs (finished or not) at this validation epoch")
     args = ap.parse_args(argv)
     root = Path(args.runs)
+    if args.at_epoch is not None:
+        return _at_epoch(root, args.at_epoch)
     setups: dict[str, dict[str, dict]] = {}
     for mj in sorted(root.glob("*/seed*/models/metrics.json")):
         m = json.loads(mj.read_text())
@@ -74,14 +87,48 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: no {root}/<setup>/seed<S>/models/metrics.json", file=sys.stderr)
         return 1
     write_json({"targets": TARGETS, "setups": setups}, root / "summary.json")
+    _write_table(setups, root / "summary.md")
+    return 0
+
+
+def _write_table(setups: dict[str, dict[str, dict]], path: Path, header: str = "") -> None:
     cols = (*COLUMNS, "max_identity_after_q1")
-    lines = ["| setup | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
-             "| target | | " + " | ".join(TARGETS.get(c, "") for c in cols) + " |"]
+    lines = ([header, ""] if header else []) + [
+        "| setup | seeds | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols),
+        "| target | | " + " | ".join(TARGETS.get(c, "") for c in cols) + " |",
+    ]  # fmt: skip
     for name, runs in setups.items():
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(_fmt([r[c] for r in runs.values()]) for c in cols) + " |")
-    with atomic_output(root / "summary.md") as tmp:
+        seeds = ",".join(s.removeprefix("seed") for s in runs)
+        lines.append(f"| {name} | {len(runs)} ({seeds}) | " + " | ".join(_fmt([r[c] for r in runs.values()]) for c in cols) + " |")
+    with atomic_output(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+
+
+def _at_epoch(root: Path, epoch: int) -> int:
+    """Every run at its validation round of ``epoch`` (finished runs from ``metrics.json``, unfinished ones from
+    ``models/metrics.json``, copied to ``metrics_partial.json``); writes ``summary_epoch<E>.{json,md}``."""
+    setups: dict[str, dict[str, dict]] = {}
+    for run in sorted(p for p in root.glob("*/seed*") if p.is_dir()):
+        live, done = run / "models" / "metrics.json", run / "metrics.json"
+        if done.is_file():
+            src = done
+        elif live.is_file():
+            src = run / "metrics_partial.json"
+            shutil.copyfile(live, src)
+        else:
+            continue
+        summary = run_summary(src, at_epoch=epoch)
+        if summary is None:
+            print(f"{src}: no validation round at epoch {epoch}, skipped")
+            continue
+        # max identity after the first quarter of the FULL schedule, over the rounds up to `epoch`
+        setups.setdefault(run.parent.name, {})[run.name] = summary
+    if not setups:
+        print(f"error: no run of {root} has a validation round at epoch {epoch}", file=sys.stderr)
+        return 1
+    write_json({"targets": TARGETS, "epoch": epoch, "setups": setups}, root / f"summary_epoch{epoch}.json")
+    _write_table(setups, root / f"summary_epoch{epoch}.md", header=f"Every run at its validation round of epoch {epoch}:")
     return 0
 
 
