@@ -159,7 +159,7 @@ def _batch(root: Path, bundles: dict[str, Path]) -> list[str]:
     _write_series(vol, src / "exam", UID_B, "SWI phase", prefix="B")
     (src / ".x_swi.nii.gz.ab12cd34.tmp.nii.gz").write_bytes((src / "x_swi.nii.gz").read_bytes())
     return _bundle_args("inference", bundles["cmb_detection"], "inference.yaml", "--dataset_dir", str(src),
-                        "--output_dir", str(root / "out"))
+                        "--output_dir", str(root / "out"), "--threshold", "0.5")
 
 
 def _pickle(root: Path, bundles: dict[str, Path]) -> list[str]:
@@ -176,7 +176,7 @@ def _output_file(root: Path, bundles: dict[str, Path]) -> list[str]:
     _save(root / "in" / "s1_swi.nii.gz", _swi(1))
     (root / "results").write_text("a file where the output folder should go\n")
     return _bundle_args("inference", bundles["cmb_detection"], "inference.yaml", "--dataset_dir", str(root / "in"),
-                        "--output_dir", str(root / "results"))
+                        "--output_dir", str(root / "results"), "--threshold", "0.5")
 
 
 def _phantom_output_file(root: Path, bundles: dict[str, Path]) -> list[str]:
@@ -387,8 +387,9 @@ def test_detection_batch_reports_every_bad_scan_and_processes_the_rest(cases):
         assert (out / f"{sid}_candidates.csv").is_file()
     with open(out / "candidates.csv", newline="") as f:
         assert {r["image"] for r in csv.DictReader(f)} == {"x.nii.gz", "x_swi.nii.gz"}
-    expected = {"candidates.csv", "inference_summary.json", "summary.csv"} | {
-        f"{sid}_{suffix}" for sid in ("x", "x_swi") for suffix in ("cmb_prob.nii.gz", "candidates.csv")}
+    expected = {"candidates.csv", "detections.csv", "inference_summary.json", "summary.csv"} | {
+        f"{sid}_{suffix}" for sid in ("x", "x_swi")
+        for suffix in ("cmb_prob.nii.gz", "candidates.csv", "detections.csv", "detections.nii.gz", "qc.png")}
     assert {p.name for p in out.iterdir()} == expected
     # inputs untouched, nothing written outside the output folder (nor into the working directory)
     assert _outside(case.after, "out") == case.before

@@ -414,7 +414,7 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
 
     src, out = _scan_folder(tmp_path), tmp_path / "det"
     with pytest.raises(ValueError, match="must differ from the input folder"):
-        detection.run_inference(_detector(), src, src)
+        detection.run_inference(_detector(), src, src, threshold=0.5)
     # a failure while writing s1's probability map: no partial file, s2 still processed, s1 reported
     real_save = nib.save
 
@@ -428,7 +428,7 @@ def test_detection_inference_is_atomic_and_never_writes_over_inputs(tmp_path, mo
 
     monkeypatch.setattr(nib, "save", failing_save)
     with pytest.raises(detection.BatchInferenceError, match="s1_swi.nii.gz: OSError: disk full"):
-        detection.run_inference(_detector(), src, out)
+        detection.run_inference(_detector(), src, out, threshold=0.5)
     monkeypatch.setattr(nib, "save", real_save)
     names = sorted(p.name for p in out.iterdir())
     assert "s1_cmb_prob.nii.gz" not in names and "s2_cmb_prob.nii.gz" in names
@@ -442,13 +442,13 @@ def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     from cmb_synthesis.detection import inference as detection
 
     src, out = _scan_folder(tmp_path), tmp_path / "det"
-    detection.run_inference(_detector(), src, out)
+    detection.run_inference(_detector(), src, out, threshold=0.5)
     stamp = (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns
-    summary = detection.run_inference(_detector(), src, out, overwrite=False)
+    summary = detection.run_inference(_detector(), src, out, overwrite=False, threshold=0.5)
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns == stamp
     assert not summary["failed"]
     # the default (no --overwrite) must not replace existing outputs either
-    detection.run_inference(_detector(), src, out)
+    detection.run_inference(_detector(), src, out, threshold=0.5)
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns == stamp
     assert sorted(s["id"] for s in summary["skipped"]) == ["s1", "s2"] and not summary["written"]
     n_rows = {s["id"]: len((out / f"{s['id']}_candidates.csv").read_text().splitlines()) - 1 for s in summary["skipped"]}
@@ -456,7 +456,7 @@ def test_detection_inference_skips_existing_outputs_unless_overwrite(tmp_path):
     # the aggregated candidates.csv of a run that skipped every scan still lists every scan's candidates
     first = (out / "s1_candidates.csv").read_text().splitlines()[1:] + (out / "s2_candidates.csv").read_text().splitlines()[1:]
     assert sorted((out / "candidates.csv").read_text().splitlines()[1:]) == sorted(first)
-    forced = detection.run_inference(_detector(), src, out, overwrite=True)
+    forced = detection.run_inference(_detector(), src, out, overwrite=True, threshold=0.5)
     assert sorted(s["id"] for s in forced["written"]) == ["s1", "s2"] and not forced["skipped"]
     assert (out / "s1_cmb_prob.nii.gz").stat().st_mtime_ns != stamp
 

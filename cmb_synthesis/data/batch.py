@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -155,7 +156,8 @@ def run_batch(
         desc: name of the loop in the progress bar / log lines (``i/N``, elapsed, remaining).
 
     Returns:
-        the summary: ``n_inputs``, ``written`` and ``skipped`` (``[{"id", "image", "outputs", ...info}]``),
+        the summary: ``n_inputs``, ``written`` and ``skipped`` (``[{"id", "image", "outputs", ...info}]``; a
+        written scan's info has ``seconds``, its processing time),
         ``failed`` (``[{"id", "image", "error"}]``), also written to ``output_dir/inference_summary.json``,
         with one row per scan in ``output_dir/summary.csv`` (``summary_columns``).
 
@@ -187,14 +189,17 @@ def run_batch(
                                 info.get("message") or "outputs exist (use overwrite to replace them)"))
                 logger.info("%s: outputs exist, skipped (use --overwrite true to replace them)", job.id)
                 continue
+            start = time.perf_counter()
             with atomic_outputs(job.outputs) as tmp:
                 info = dict(process(job, tmp) or {})
                 missing = [name for name, p in tmp.items() if not p.is_file() or p.stat().st_size == 0]
                 if missing:
                     raise RuntimeError(f"{job.image}: output {', '.join(missing)} was not written")
+            info.setdefault("seconds", round(time.perf_counter() - start, 2))
             summary["written"].append(_entry(job, info))
             rows.append(row(job, "written", info, info.get("message", "")))
-            logger.info("%s: written (%s)", job.id, ", ".join(Path(p).name for p in job.outputs.values()))
+            logger.info("%s: written in %.1f s (%s)", job.id, info["seconds"],
+                        ", ".join(Path(p).name for p in job.outputs.values()))
         except Exception as e:  # noqa: BLE001 - a batch job reports every bad scan and goes on
             error = f"{type(e).__name__}: {e}"
             summary["failed"].append({"id": job.id, "image": str(job.image), "error": error})
