@@ -16,13 +16,16 @@ Steps (each skipped when its output already exists in ``<workdir>/<round>/``, so
 3. its evaluation on the **validation** split (the ``evaluate.yaml`` overlay, ``--split validation``) into
    ``eval/``;
 4. a per-lesion breakdown of the validation detections at 10 FP/scan (by site, contrast and apparent size),
-   from ``eval/candidates.csv`` and the cohort's label maps and lesion tables.
+   from ``eval/candidates.csv`` and the cohort's label maps and lesion tables, with what the false positives
+   above that threshold lie on (mimic type, vein, tissue).
 
 The round is appended to (or replaces the same-named round of) ``<record>/rounds.json`` with its options, the
 validation sensitivity at 1/2/4/8/10 FP/scan with 95 % bootstrap CIs, CPM, the candidate-stage sensitivity,
 the breakdown, the wall time of each step and the commands; ``<record>/<round>_metrics.json`` keeps the
 evaluation's ``metrics.json`` without its full-resolution curve (``curve``; the ``curve_ci95`` grid stays).
 Every file is written atomically. Exit code 2 on bad arguments, 1 when a step fails (its log is named).
+``python scripts/calibrate_benchmark.py --table [--record DIR]`` prints the rounds as the Markdown table of
+``docs/phantom.md``.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ from cmb_synthesis.data.io import write_json  # noqa: E402
 from cmb_synthesis.evaluation.hits import match_candidates  # noqa: E402
 
 FP_RATES = ("1", "2", "4", "8", "10")
+# the lesion and mimic options of the benchmark preset (recorded per round as generated)
+REALISM_KEYS = ("lesion_model", "faint_fraction", "deposit_median_mm", "lesion_depth", "faint_depth",
+                "n_vein_branches", "n_cross_vessels", "mineralisation_rate", "pineal_prob", "choroid_prob",
+                "flow_void_prob", "artefact_depth")
 TRAIN_CFG = "bundles/cmb_detection/configs/train.yaml"
 EVAL_CFG = "['bundles/cmb_detection/configs/train.yaml','bundles/cmb_detection/configs/evaluate.yaml']"
 
@@ -91,12 +98,17 @@ def breakdown(datalist: Path, candidates_csv: Path, split: str = "validation", r
         for r in csv.DictReader(f):
             cands.setdefault(Path(r["image"]).name, []).append((int(r["i"]), int(r["j"]), int(r["k"]),
                                                                 float(r["probability"])))
-    lesions, fps = [], []
+    lesions, fps, fp_types = [], [], []
+    codes = {0: "none"}
+    cohort_json = root / "cohort.json"
+    if cohort_json.is_file():
+        codes.update({int(v): k for k, v in json.loads(cohort_json.read_text()).get("mimic_codes", {}).items()})
     for it in items:
         c = np.asarray(cands.get(Path(it["image"]).name, []), dtype=np.float64).reshape(-1, 4)
         lab = np.asarray(nib.load(str(root / it["label"])).dataobj)
         res = match_candidates(it["id"], c[:, :3].astype(np.int64), c[:, 3], lab)
         fps.append(res.fp_scores)
+        fp_types += _fp_types(root, it, c, lab, codes)
         with open(root / it["lesions"], newline="") as f:
             rows = sorted(csv.DictReader(f), key=lambda r: int(r["label"]))
         ids = np.unique(lab[lab > 0])
@@ -113,6 +125,8 @@ def breakdown(datalist: Path, candidates_csv: Path, split: str = "validation", r
         return {"n": len(sel), "detected": det, "candidate_hit": hit,
                 "sensitivity": round(det / len(sel), 4) if sel else None}
 
+    top = [t for p_, t in fp_types if p_ >= thr]
+    fp_at_rate = {t: top.count(t) for t in sorted(set(top), key=lambda t: -top.count(t))}
     sites = sorted({x["site"] for x in lesions if x["site"] is not None})
     contrast_bins = (("faint <0.45", 0.0, 0.45), ("0.45-0.6", 0.45, 0.6), (">=0.6", 0.6, 9.0))
     size_bins = (("<2.5", 0.0, 2.5), ("2.5-3", 2.5, 3.0), ("3-5", 3.0, 5.0), (">=5", 5.0, 99.0))
@@ -122,7 +136,31 @@ def breakdown(datalist: Path, candidates_csv: Path, split: str = "validation", r
         "by_site": {s: group([x for x in lesions if x["site"] == s]) for s in sites},
         "by_contrast": {n: group([x for x in lesions if lo <= x["contrast"] < hi]) for n, lo, hi in contrast_bins},
         "by_diameter_mm": {n: group([x for x in lesions if lo <= x["diameter_mm"] < hi]) for n, lo, hi in size_bins},
+        "false_positives_by_type": fp_at_rate,
     }
+
+
+def _fp_types(root: Path, item: dict, cands: np.ndarray, lab: np.ndarray, codes: dict[int, str]) -> list[tuple[float, str]]:
+    """(probability, what it lies on) of each false-positive candidate of one scan: a mimic type of the mimic map
+    (the voxel or its 3 x 3 x 3 neighbourhood), else ``vein`` (the vein mask dilated by one voxel), else its
+    tissue class (``deep_gm``, ``csf``, ``tissue``, ``outside``)."""
+    from scipy import ndimage
+
+    mm = np.asarray(nib.load(str(root / item["mimic_map"])).dataobj) if item.get("mimic_map") else np.zeros_like(lab, np.uint8)
+    mmd = ndimage.grey_dilation(mm, size=(3, 3, 3))
+    vn = ndimage.binary_dilation(np.asarray(nib.load(str(root / item["veins"])).dataobj) > 0) if item.get("veins") \
+        else np.zeros(lab.shape, bool)
+    tis = np.asarray(nib.load(str(root / item["tissue"])).dataobj) if item.get("tissue") else np.full(lab.shape, 3)
+    out = []
+    for i, j, k, p_ in cands:
+        i, j, k = int(i), int(j), int(k)
+        if lab[i, j, k]:
+            continue
+        t = codes.get(int(mm[i, j, k]) or int(mmd[i, j, k]), "mimic")
+        if t == "none":
+            t = "vein" if vn[i, j, k] else {4: "deep_gm", 1: "csf", 0: "outside"}.get(int(tis[i, j, k]), "tissue")
+        out.append((float(p_), t))
+    return out
 
 
 def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
@@ -139,10 +177,34 @@ def _summary(metrics: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def rounds_table(rounds: list[dict[str, Any]]) -> str:
+    """Markdown table of the rounds (validation split): changes, CMBs, sensitivity at 10 FP/scan with CI, CPM,
+    candidate stage, detected / CMBs at 10 FP/scan by site and by core darkening (``contrast``)."""
+    lines = ["| round | change (over the round before) | val. CMBs | sens. @10 FP/scan (95 % CI) | CPM (95 % CI) | "
+             "candidate stage | site A / B | core darkening < 0.45 · 0.45-0.6 · >= 0.6 |", "|---|---|---|---|---|---|---|---|"]
+    for r in rounds:
+        v, b = r["validation"], r["validation_breakdown_at_10fp"]
+        lo, hi = v["sensitivity_at_fp_ci95"]["10"]
+        clo, chi = v["cpm_ci95"]
+        site = " / ".join(f"{g['detected']}/{g['n']}" for g in b["by_site"].values())
+        fo = " · ".join(f"{g['detected']}/{g['n']}" for g in b["by_contrast"].values())
+        lines.append(f"| {r['round']} | {r.get('change', '')} | {v['n_lesions']} | {100 * v['sensitivity_at_fp']['10']:.1f} % "
+                     f"({100 * lo:.1f}-{100 * hi:.1f}) | {v['cpm']:.3f} ({clo:.3f}-{chi:.3f}) | "
+                     f"{100 * v['candidate_sensitivity']:.1f} % | {site} | {fo} |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--table"]:                     # print the rounds table of --record (default docs/results/...)
+        rec = Path(argv[2]) if len(argv) > 2 and argv[1] == "--record" else REPO / "docs/results/calibration"
+        print(rounds_table(json.loads((rec / "rounds.json").read_text())))
+        return 0
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--round", required=True, help="round name (folder under --workdir, key in rounds.json)")
     p.add_argument("--workdir", required=True, help="scratch folder for cohorts, models, caches (not the repo)")
+    p.add_argument("--change", default="", help="what changed over the round before (short; the rounds table)")
     p.add_argument("--seed", type=int, default=0, help="cohort seed (training seed stays the bundle's)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--site-option", action="append", default=[], metavar="SITE:KEY=VALUE")
@@ -201,9 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     record = {
         "round": args.round, "date_utc": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M"),
-        "commit": commit, "note": args.note, "seed": args.seed,
+        "commit": commit, "note": args.note, "change": args.change, "seed": args.seed,
         "options": dict(o.split("=", 1) for o in args.option), "site_options": list(args.site_option),
         "min_mean_lesions": meta.get("min_mean_lesions"),
+        "effective_options": {k: v for k, v in meta.get("options", {}).items() if k in REALISM_KEYS},
         "sites": meta.get("sites"), "lesions_per_split": meta.get("lesions_per_split"),
         "validation": _summary(metrics), "validation_breakdown_at_10fp": br,
         "training": {k: train_metrics.get(k) for k in ("best_metric", "best_epoch", "training_candidates",
@@ -225,7 +288,16 @@ def main(argv: list[str] | None = None) -> int:
     write_json(small, rec / f"{args.round}_metrics.json")
     rounds_path = rec / "rounds.json"
     rounds = json.loads(rounds_path.read_text()) if rounds_path.is_file() else []
-    rounds = [r for r in rounds if r["round"] != args.round] + [record]
+    old = next((r for r in rounds if r["round"] == args.round), None)
+    if old is not None:            # a rerun over existing outputs: keep what the first run measured / said
+        record["wall_s"] = {k: v if v is not None else old.get("wall_s", {}).get(k) for k, v in times.items()}
+        record["date_utc"] = old.get("date_utc", record["date_utc"])
+        record["commit"] = old.get("commit", record["commit"])
+        for k in ("note", "change"):
+            record[k] = record[k] or old.get(k, "")
+        rounds = [r if r["round"] != args.round else record for r in rounds]
+    else:
+        rounds.append(record)
     write_json(rounds, rounds_path)
     v = record["validation"]
     lo, hi = v["sensitivity_at_fp_ci95"]["10"]

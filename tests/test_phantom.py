@@ -194,7 +194,7 @@ def test_benchmark_preset_counts_and_planned_test_lesions():
     for seed in range(10):
         plan = planned_lesions("benchmark", seed)
         assert [len(plan[s]) for s in ("training", "validation", "test")] == [12, 10, 40]
-        assert sum(plan["test"]) >= 220 and sum(plan["validation"]) >= 55
+        assert sum(plan["test"]) >= 320 and sum(plan["validation"]) >= 80      # 8 per pathological scan
         assert all(1 <= c <= 30 for s in plan.values() for c in s)
     assert planned_lesions("benchmark", 3) == planned_lesions("benchmark", 3)
     assert planned_lesions("benchmark", 3) != planned_lesions("benchmark", 4)
@@ -247,6 +247,7 @@ def test_benchmark_cohort_sites_planned_lesions_and_unlabelled_mimics(bench_coho
     from monai.data import load_decathlon_datalist
 
     from cmb_synthesis.phantom import MIMIC_CODES, MIMIC_TYPES, SITES, planned_lesions
+    from cmb_synthesis.phantom.benchmark import BENCHMARK_OPTIONS
 
     items = _items(bench_cohort)
     plan = planned_lesions("benchmark", 5, **BENCH_SPLIT)
@@ -269,14 +270,19 @@ def test_benchmark_cohort_sites_planned_lesions_and_unlabelled_mimics(bench_coho
         for r in csv.DictReader(open(Path(bench_cohort).parent / it["lesions"])):
             assert lab[int(r["i"]), int(r["j"]), int(r["k"])] == int(r["label"])
             assert float(r["diameter_mm"]) > float(r["deposit_diameter_mm"])      # labelled as seen: bloomed
-            assert 1.1 <= float(r["bloom"]) <= 1.7 and 0.25 <= float(r["contrast"]) <= 0.8
+            lo = min(BENCHMARK_OPTIONS["faint_depth"][0], BENCHMARK_OPTIONS["lesion_depth"][0])
+            hi = max(BENCHMARK_OPTIONS["faint_depth"][1], BENCHMARK_OPTIONS["lesion_depth"][1])
+            assert 1.1 <= float(r["bloom"]) <= 1.7 and lo <= float(r["contrast"]) <= hi
         # mimics are never labelled, nor touching a label
         assert not (ndimage.binary_dilation(code > 0) & (lab > 0)).any()
         for t in ("basal_ganglia_mineralisation", "pineal_calcification", "choroid_plexus_calcification", "flow_void"):
             m = code == MIMIC_CODES[t]
             assert m.any(), (it["id"], t)
             ring = ndimage.binary_dilation(m, iterations=3) & ~ndimage.binary_dilation(m) & (code == 0)
-            assert swi[m].mean() < 0.8 * swi[ring].mean(), (it["id"], t)     # dark against its surroundings
+            # dark against its surroundings: on average (its mask includes a partial-volume rim, blurred
+            # through-plane at site B: a 3 mm calcification there averages ~0.83 of its ring) and at its core
+            assert swi[m].mean() < 0.9 * swi[ring].mean(), (it["id"], t)
+            assert swi[m].min() < 0.75 * swi[ring].mean(), (it["id"], t)
         for r in rows:
             if r["type"] in ("basal_ganglia_mineralisation", "pineal_calcification", "flow_void"):
                 assert code[int(r["i"]), int(r["j"]), int(r["k"])] > 0

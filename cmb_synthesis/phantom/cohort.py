@@ -33,7 +33,7 @@ PRESETS: dict[str, dict[str, int]] = {
                   n_test_pathological=10, n_test_healthy=0),
     "default": dict(n_train_pathological=12, n_train_healthy=6, n_val_pathological=3, n_val_healthy=2,
                     n_test_pathological=8, n_test_healthy=0),
-    # harder, two sites, >= 220 planned test CMBs (benchmark.py)
+    # harder, two sites, >= 320 planned test CMBs (benchmark.py)
     "benchmark": dict(BENCHMARK_COUNTS),
 }
 LESION_FIELDS = ["label", "i", "j", "k", "x", "y", "z", "diameter_mm", "volume_mm3", "elongation"]
