@@ -4,7 +4,7 @@
 
 Target: at most 3 s and 2 GiB per subject on one core. The MNI152 template loading (once per
 process) is timed separately. ``--preset benchmark`` simulates with the benchmark preset's options, the
-subjects alternating between its sites, pathological ones with 6 planned CMBs (about the preset's mean).
+subjects alternating between its sites, pathological ones with ``MIN_MEAN_LESIONS`` planned CMBs (the preset's per-scan floor).
 """
 
 from __future__ import annotations
@@ -26,13 +26,13 @@ def main() -> None:
     p.add_argument("--out", default=None)
     args = p.parse_args()
     from cmb_synthesis.phantom.anatomy import mni_templates
-    from cmb_synthesis.phantom.benchmark import BENCHMARK_OPTIONS, SITES, site_options
+    from cmb_synthesis.phantom.benchmark import BENCHMARK_OPTIONS, MIN_MEAN_LESIONS, SITES, site_options
     from cmb_synthesis.phantom.subject import simulate_subject
 
     def options(n: int) -> dict:
         if args.preset == "default":
             return {}
-        return {**BENCHMARK_OPTIONS, **site_options(sorted(SITES)[(n // 2) % len(SITES)]), "n_lesions": 6}
+        return {**BENCHMARK_OPTIONS, **site_options(sorted(SITES)[(n // 2) % len(SITES)]), "n_lesions": int(round(MIN_MEAN_LESIONS))}
 
     t0 = time.perf_counter()
     mni_templates()
