@@ -87,7 +87,7 @@ def main() -> None:
                "CMB_PROGRESS": "log"}
         load0 = os.getloadavg()
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
+        proc = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True, encoding="utf-8", errors="replace")
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             sys.exit(f"inference failed:\n{proc.stderr[-4000:]}")

@@ -348,8 +348,8 @@ def cases(bundles, bundle_snapshots, tmp_path_factory) -> dict[str, Case]:
     def run(name: str) -> subprocess.CompletedProcess:
         args, env = commands[name]
         run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
-        return subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=made[name].cwd,
-                              env=run_env, timeout=TIMEOUT_S)
+        return subprocess.run([sys.executable, *args], capture_output=True, text=True, encoding="utf-8",
+                              errors="replace", cwd=made[name].cwd, env=run_env, timeout=TIMEOUT_S)
 
     with ThreadPoolExecutor(max_workers=2) as pool:
         for name, proc in zip(made, pool.map(run, made)):

@@ -209,7 +209,8 @@ def _run_bundle(
     cmd = [sys.executable, "-m", "monai.bundle", "run", run_id, "--config_file",
            str(bundle / "configs" / "train.yaml"), *args]  # fmt: skip
     run_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **(env or {})}
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=bundle, env=run_env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, encoding="utf-8", errors="replace", cwd=bundle,
+                          env=run_env, timeout=300)
 
 
 def _last_error(proc: subprocess.CompletedProcess) -> str:

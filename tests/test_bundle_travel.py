@@ -57,7 +57,8 @@ def _bundle_command(run_id: str, configs: list[Path], cwd: Path, **overrides) ->
     # the package as installed; PYTHONPATH stands in for `pip install .` where the checkout is not installed
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CMB_PROGRESS": "log",
            "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, encoding="utf-8",
+                          errors="replace", timeout=300)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stderr[-4000:]}"
     return proc
 

@@ -145,7 +145,8 @@ def test_subjects_have_distinct_anatomy():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "cmb_synthesis.phantom", *args], capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "cmb_synthesis.phantom", *args], capture_output=True, text=True,
+                          encoding="utf-8", errors="replace")
 
 
 def test_cli_bad_input_exit_code_2_and_nothing_written(tmp_path):
