@@ -31,14 +31,15 @@ import numpy as np
 
 from cmb_synthesis.evaluation.hits import ScanResult
 
-__all__ = ["FP_RATES", "CPM_RATES", "froc_curve", "sensitivity_at", "evaluate", "paired_bootstrap_difference"]
+__all__ = ["FP_RATES", "CPM_RATES", "ScorePool", "bootstrap_weights", "sensitivity_at_rate", "froc_curve",
+           "sensitivity_at", "evaluate", "paired_bootstrap_difference"]
 
 FP_RATES = (1, 2, 4, 8, 10, 20)
 CPM_RATES = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 # ---------------------------------------------------------------------------------------- curve algebra
-class _Pool:
+class ScorePool:
     """All scores of a list of scans, sorted once, for the curve and for weighted (bootstrap) curves."""
 
     def __init__(self, results: Sequence[ScanResult]) -> None:
@@ -80,7 +81,7 @@ class _Pool:
         return fp / n_scans[:, None], sens
 
 
-def _sens_at(fp: np.ndarray, sens: np.ndarray, rate: float) -> np.ndarray:
+def sensitivity_at_rate(fp: np.ndarray, sens: np.ndarray, rate: float) -> np.ndarray:
     """Step interpolation on (B, P) monotone curves: sensitivity of the last point with fp <= rate."""
     idx = (fp <= rate + 1e-12).sum(axis=1) - 1  # the first point (threshold inf) has fp 0
     return sens[np.arange(len(fp)), idx]
@@ -102,14 +103,14 @@ def froc_curve(results: Sequence[ScanResult]) -> tuple[np.ndarray, np.ndarray, n
         increasing FP rate and sensitivity). The first point is ``threshold = inf`` (nothing detected).
         Sensitivity is NaN when there are no lesions at all.
     """
-    pool = _Pool(results)
+    pool = ScorePool(results)
     fp, sens = pool.curves(np.ones((1, pool.n_scans)))
     return fp[0], sens[0], pool.thresholds.copy()
 
 
 def sensitivity_at(fp_per_scan: np.ndarray, sensitivity: np.ndarray, rate: float) -> float:
     """Sensitivity of a curve at an FP/scan rate (step interpolation, see the module docstring)."""
-    return float(_sens_at(np.asarray(fp_per_scan)[None], np.asarray(sensitivity)[None], rate)[0])
+    return float(sensitivity_at_rate(np.asarray(fp_per_scan)[None], np.asarray(sensitivity)[None], rate)[0])
 
 
 def _percentile_ci(samples: np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -131,7 +132,7 @@ def _rate_key(r: float) -> str:
     return f"{r:g}"
 
 
-def _bootstrap_weights(n_scans: int, n_bootstrap: int, seed: int) -> np.ndarray:
+def bootstrap_weights(n_scans: int, n_bootstrap: int, seed: int) -> np.ndarray:
     """(n_bootstrap, n_scans) multiplicities of each scan in each resample (drawn with replacement)."""
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, n_scans, size=(n_bootstrap, n_scans))
@@ -158,7 +159,7 @@ def evaluate(
     ``seed``, ``interpolation``, ``n_lesions_hit`` and ``n_false_positives`` (over all candidates).
     """
     results = list(results)
-    pool = _Pool(results)
+    pool = ScorePool(results)
     n_lesions = int(pool.n_lesions_per_scan.sum())
     if n_lesions == 0:
         raise ValueError("FROC: the evaluated scans contain no lesions; sensitivity is undefined")
@@ -167,22 +168,22 @@ def evaluate(
     grid = np.unique(np.concatenate([np.geomspace(1 / 16, max(64.0, max_fp), 81), np.asarray(fp_rates, float),
                                      np.asarray(CPM_RATES)]))
     point = {
-        "sens": {r: float(_sens_at(fp0, sens0, r)[0]) for r in fp_rates},
-        "cpm": float(np.mean([_sens_at(fp0, sens0, r)[0] for r in CPM_RATES])),
+        "sens": {r: float(sensitivity_at_rate(fp0, sens0, r)[0]) for r in fp_rates},
+        "cpm": float(np.mean([sensitivity_at_rate(fp0, sens0, r)[0] for r in CPM_RATES])),
         "fp90": float(_fp_at_sens(fp0, sens0, target_sensitivity)[0]),
-        "band": np.array([_sens_at(fp0, sens0, g)[0] for g in grid]),
+        "band": np.array([sensitivity_at_rate(fp0, sens0, g)[0] for g in grid]),
     }
     boot_sens = {r: [] for r in fp_rates}
     boot_cpm, boot_fp90, boot_band = [], [], []
     if n_bootstrap > 0:
-        weights = _bootstrap_weights(pool.n_scans, n_bootstrap, seed)
+        weights = bootstrap_weights(pool.n_scans, n_bootstrap, seed)
         for start in range(0, n_bootstrap, chunk):
             fp, sens = pool.curves(weights[start:start + chunk])
             for r in fp_rates:
-                boot_sens[r].append(_sens_at(fp, sens, r))
-            boot_cpm.append(np.mean([_sens_at(fp, sens, r) for r in CPM_RATES], axis=0))
+                boot_sens[r].append(sensitivity_at_rate(fp, sens, r))
+            boot_cpm.append(np.mean([sensitivity_at_rate(fp, sens, r) for r in CPM_RATES], axis=0))
             boot_fp90.append(_fp_at_sens(fp, sens, target_sensitivity))
-            boot_band.append(np.stack([_sens_at(fp, sens, g) for g in grid], axis=1))
+            boot_band.append(np.stack([sensitivity_at_rate(fp, sens, g) for g in grid], axis=1))
 
     def ci(samples: list[np.ndarray]) -> list[float | None]:
         if not samples:
@@ -249,16 +250,16 @@ def paired_bootstrap_difference(
         if len(a[i].lesion_scores) != len(b[i].lesion_scores):
             raise ValueError(f"paired bootstrap: scan {i} has {len(a[i].lesion_scores)} lesions in a but "
                              f"{len(b[i].lesion_scores)} in b")
-    pa, pb = _Pool([a[i] for i in ids]), _Pool([b[i] for i in ids])
+    pa, pb = ScorePool([a[i] for i in ids]), ScorePool([b[i] for i in ids])
     one = np.ones((1, len(ids)))
-    sa = float(_sens_at(*pa.curves(one), fp_rate)[0])
-    sb = float(_sens_at(*pb.curves(one), fp_rate)[0])
+    sa = float(sensitivity_at_rate(*pa.curves(one), fp_rate)[0])
+    sb = float(sensitivity_at_rate(*pb.curves(one), fp_rate)[0])
     diffs = []
     if n_bootstrap > 0:
-        weights = _bootstrap_weights(len(ids), n_bootstrap, seed)
+        weights = bootstrap_weights(len(ids), n_bootstrap, seed)
         for start in range(0, n_bootstrap, 100):
             w = weights[start:start + 100]
-            diffs.append(_sens_at(*pa.curves(w), fp_rate) - _sens_at(*pb.curves(w), fp_rate))
+            diffs.append(sensitivity_at_rate(*pa.curves(w), fp_rate) - sensitivity_at_rate(*pb.curves(w), fp_rate))
     d = np.concatenate(diffs) if diffs else np.zeros(0)
     d = d[~np.isnan(d)]
     ci = [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))] if len(d) else [None, None]

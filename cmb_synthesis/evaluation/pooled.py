@@ -14,7 +14,7 @@ Seeds enter as a fixed set (the mean over the seeds run), not resampled: with 3-
 says little; the per-seed values are reported so their spread can be read directly.
 
 The FROC operating points are those of :mod:`cmb_synthesis.evaluation.froc` (step interpolation, the same
-curve code: its ``_Pool`` weighted curves, so a resample where a scan is drawn k times counts it k times).
+curve code: its ``ScorePool`` weighted curves, so a resample where a scan is drawn k times counts it k times).
 """
 
 from __future__ import annotations
@@ -24,14 +24,15 @@ from typing import Any
 
 import numpy as np
 
-from cmb_synthesis.evaluation.froc import (CPM_RATES, _bootstrap_weights, _Pool, _sens_at,
-                                           paired_bootstrap_difference)
+from cmb_synthesis.evaluation.froc import (CPM_RATES, ScorePool, bootstrap_weights, paired_bootstrap_difference,
+                                           sensitivity_at_rate)
 from cmb_synthesis.evaluation.hits import ScanResult
 
 __all__ = ["pooled_bootstrap", "pooled_paired_bootstrap_difference"]
 
 
-def _aligned(per_seed: Sequence[Sequence[ScanResult]], ids: list[str] | None, what: str) -> tuple[list[str], list[_Pool]]:
+def _aligned(per_seed: Sequence[Sequence[ScanResult]], ids: list[str] | None,
+             what: str) -> tuple[list[str], list[ScorePool]]:
     """Pools of each seed's results in the order of ``ids`` (the sorted scan ids of the first seed)."""
     if len(per_seed) == 0:
         raise ValueError(f"{what}: no seeds to pool")
@@ -45,7 +46,7 @@ def _aligned(per_seed: Sequence[Sequence[ScanResult]], ids: list[str] | None, wh
         if set(by_id) != set(ids):
             raise ValueError(f"{what}: seed #{s} covers other test scans than the first "
                              f"(only here: {sorted(set(by_id) - set(ids))[:5]}, missing: {sorted(set(ids) - set(by_id))[:5]})")
-        pools.append(_Pool([by_id[i] for i in ids]))
+        pools.append(ScorePool([by_id[i] for i in ids]))
     n_les = pools[0].n_lesions_per_scan
     for s, p in enumerate(pools):
         if not np.array_equal(p.n_lesions_per_scan, n_les):
@@ -53,11 +54,11 @@ def _aligned(per_seed: Sequence[Sequence[ScanResult]], ids: list[str] | None, wh
     return ids, pools
 
 
-def _metrics(pool: _Pool, w: np.ndarray, fp_rate: float) -> tuple[np.ndarray, np.ndarray]:
+def _metrics(pool: ScorePool, w: np.ndarray, fp_rate: float) -> tuple[np.ndarray, np.ndarray]:
     """(B,) sensitivity at ``fp_rate`` and (B,) CPM under the (B, n_scans) scan multiplicities ``w``."""
     fp, sens = pool.curves(w)
-    cpm = np.mean([_sens_at(fp, sens, r) for r in CPM_RATES], axis=0)
-    return _sens_at(fp, sens, fp_rate), cpm
+    cpm = np.mean([sensitivity_at_rate(fp, sens, r) for r in CPM_RATES], axis=0)
+    return sensitivity_at_rate(fp, sens, fp_rate), cpm
 
 
 def _ci(samples: np.ndarray) -> list[float | None]:
@@ -67,12 +68,12 @@ def _ci(samples: np.ndarray) -> list[float | None]:
     return [float(np.percentile(s, 2.5)), float(np.percentile(s, 97.5))]
 
 
-def _boot(pools: Sequence[_Pool], n_scans: int, n_bootstrap: int, seed: int, fp_rate: float,
+def _boot(pools: Sequence[ScorePool], n_scans: int, n_bootstrap: int, seed: int, fp_rate: float,
           chunk: int = 100) -> tuple[np.ndarray, np.ndarray]:
     """(n_seeds, B) sensitivity and CPM of each pool under the same resamples of the scans."""
     if n_bootstrap <= 0:
         return np.zeros((len(pools), 0)), np.zeros((len(pools), 0))
-    weights = _bootstrap_weights(n_scans, n_bootstrap, seed)
+    weights = bootstrap_weights(n_scans, n_bootstrap, seed)
     sens = np.zeros((len(pools), n_bootstrap))
     cpm = np.zeros((len(pools), n_bootstrap))
     for start in range(0, n_bootstrap, chunk):
