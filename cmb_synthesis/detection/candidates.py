@@ -21,7 +21,7 @@ from cmb_synthesis.data.io import PathLike, atomic_output
 from cmb_synthesis.evaluation.hits import hit_lesions
 from transforms.candidates import FRSTCandidatesd
 
-__all__ = ["CANDIDATE_CACHE_VERSION", "scan_candidates", "label_candidates", "to_source_voxels"]
+__all__ = ["CANDIDATE_CACHE_VERSION", "scan_candidates", "label_candidates"]
 
 logger = logging.getLogger(__name__)
 
@@ -92,13 +92,3 @@ def label_candidates(coords: np.ndarray, instance_labels: np.ndarray | torch.Ten
     """
     ids = hit_lesions(coords, instance_labels, "label_candidates")
     return (ids > 0).astype(np.float32), ids
-
-
-def to_source_voxels(coords: np.ndarray, affine: np.ndarray, source_affine: np.ndarray) -> np.ndarray:
-    """Map (N, 3) voxel indices of the canonical (RAS) grid to the input file's voxel grid (same world point)."""
-    coords = np.asarray(coords, dtype=np.float64).reshape(-1, 3)
-    if not len(coords):
-        return np.zeros((0, 3), np.int64)
-    m = np.linalg.inv(np.asarray(source_affine, np.float64)) @ np.asarray(affine, np.float64)
-    src = coords @ m[:3, :3].T + m[:3, 3]
-    return np.rint(src).astype(np.int64)
