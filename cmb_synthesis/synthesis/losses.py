@@ -427,7 +427,15 @@ class CriticObjective(nn.Module):
                     "sample's mask is the synthesis batch key 'y_p2'"
                 )
             real, fake = critic_input(real, real_mask), critic_input(fake, fake_mask)
+        return self.wgan_gp(real, fake)
+
+    def wgan_gp(self, real: torch.Tensor, fake: torch.Tensor,
+                penalty_pairs: int | None = None) -> dict[str, torch.Tensor]:
+        """``L_GAN(D(fake), D(real)) + lambda_gp * GP`` on critic inputs, with the named terms ``W`` and ``GP``;
+        the penalty interpolates the pairs ``real[i], fake[i]``: all of them, or the first ``penalty_pairs``."""
         adv = L_GAN(self.critic(fake), self.critic(real))
+        if penalty_pairs is not None:
+            real, fake = real[:penalty_pairs], fake[:penalty_pairs]
         gp = gradient_penalty(self.critic, real, fake)
         return {"loss": adv + self.lambda_gp * gp, "W": -adv.detach(), "GP": gp.detach()}
 
@@ -466,10 +474,7 @@ class LesionCriticObjective(CriticObjective):
             return {"loss": zero, "W": zero.detach(), "GP": zero.detach()}
         if self.critic_mask:
             real_c, fake_c = critic_input(real_c, real_m), critic_input(fake_c, fake_m)
-        adv = L_GAN(self.critic(fake_c), self.critic(real_c))
-        n = min(len(real_c), len(fake_c))
-        gp = gradient_penalty(self.critic, real_c[:n], fake_c[:n])
-        return {"loss": adv + self.lambda_gp * gp, "W": -adv.detach(), "GP": gp.detach()}
+        return self.wgan_gp(real_c, fake_c, penalty_pairs=min(len(real_c), len(fake_c)))
 
 
 class GeneratorObjective(nn.Module):
