@@ -224,7 +224,10 @@ def run_study(
     seeds = [int(seed) + r for r in range(int(repeats))]
     strict = not synthesis_ckpt_dir
     needs_synthesis = any(td != "real" for td, _ in arms)
-    code = [Path(__file__).resolve().parent]            # the package's code enters every stage key
+    # the code that decides what a stage computes enters every stage key (the protocol's subsets, the stage
+    # machinery and this runner's stage functions); report.py only renders results, so editing it redoes nothing
+    here = Path(__file__).resolve().parent
+    code = [here / "protocol.py", here / "stages.py", here / "runner.py"]
     per_run = 1 + (int(strict) + 1 if needs_synthesis else 0) + 2 * len(arms)
     runner = StageRunner(out, total=per_run * len(ks) * len(seeds))
     cache_dir = out / "cache" / "candidates"
