@@ -20,6 +20,7 @@ from cmb_synthesis.synthesis.losses import (
     LesionAdversarialLoss,
     LesionCriticObjective,
     LesionCycleLoss,
+    LesionIdentityLoss,
     critic_input,
     gradient_penalty,
     lesion_crops,
@@ -212,6 +213,52 @@ def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_e
     term(cyc).backward()
     assert g1.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None or p.grad.abs().sum() == 0 for p in g2.parameters())
+
+
+def test_lesion_identity_loss_is_local_and_rules_out_offset_generators():
+    g1, g2 = _perturbed_generators()
+    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
+    x_h, x_p = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    y = torch.zeros_like(x_h)
+    y[:, :, 7:9, 7:9, 7:9] = 1
+    bm = torch.ones_like(x_h)
+    term = LesionIdentityLoss(weight=1.0, dilation=1)
+    out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
+    region = torch.zeros_like(y, dtype=torch.bool)
+    region[:, :, 6:10, 6:10, 6:10] = True  # the mask dilated by one voxel
+    with torch.no_grad():
+        expected = (g1(x_p, y) - x_p).abs()[region].mean() + (g2(x_h, y) - x_h).abs()[region].mean()
+    torch.testing.assert_close(out["ID_lesion"], expected)
+    # both generators learn from it
+    g1.zero_grad(), g2.zero_grad()
+    out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
+    out["G"].backward()
+    assert g1.head.weight.grad.abs().sum() > 0 and g2.head.weight.grad.abs().sum() > 0
+
+    class Offset(nn.Module):
+        """A generator that shifts the voxels under the mask by a fixed amount (outside: identity)."""
+
+        def __init__(self, a: float):
+            super().__init__()
+            self.a = a
+
+        def forward(self, x, m):
+            return x + self.a * (m > 0).to(x.dtype)
+
+    # a pair of opposite offsets closes both lesion cycles exactly but fails the lesion identity by |a| per cycle
+    paint, remove = Offset(-0.3), Offset(0.3)
+    x = torch.full((1, 1, 16, 16, 16), 0.8)
+    cycle = {"x_p": x - 0.3 * y, "y_p": y, "x_h": x, "y_hp": y, "brainmask_p": bm, "brainmask_h": bm,
+             "G_HP": paint, "G_PH": remove}
+    cycle["fake_h"], cycle["fake_p"] = remove(cycle["x_p"], y), paint(x, y)
+    cycle["id_p"] = paint(cycle["x_p"], y)
+    assert LesionCycleLoss(dilation=1)(cycle).item() < 1e-6
+    ident = LesionIdentityLoss(dilation=1)(cycle).item()
+    assert abs(ident - 2 * 0.3 * 8 / 64) < 1e-5  # 8 lesion voxels of 64 in the region, both generators
+    # the identity voxels away from the mask do not count
+    far = cycle["id_p"].clone()
+    far[:, :, 0:3] += 0.5
+    assert abs(LesionIdentityLoss(dilation=1)({**cycle, "id_p": far}).item() - ident) < 1e-6
 
 
 def _blob(shape, centre, r: float = 1.5) -> torch.Tensor:
