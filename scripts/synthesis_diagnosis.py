@@ -1,0 +1,97 @@
+"""Where do painted lesions lose their dark centre? Radial profiles of every image the two cycles make.
+
+For a trained synthesis run (``--models_dir`` holding ``G_HP.pt`` and ``G_PH.pt``; the evaluated weights, i.e. the
+EMA ones when the preset keeps them), on the bundle's fixed validation patches (``validate#items`` of
+``configs/train.yaml``, the same patches the evaluator measures), the mean radial profile (intensity relative to
+the surrounding tissue at 0..4 voxels from each lesion centre, :mod:`cmb_synthesis.synthesis.realism`) of:
+
+- ``real``: real CMBs ``x_p`` under their masks;
+- ``synthetic``: ``G_HP(x_h, y_hp)``, lesions painted on healthy patches (the realism metrics' synthetic set);
+- ``healthy_input``: ``x_h`` under the sampled masks (before painting; ~1 everywhere);
+- ``pseudo_healthy``: ``G_PH(x_p, y_p)`` (1 = the lesion removed);
+- ``php_reconstruction``: ``G_HP(G_PH(x_p, y_p), y_p)`` (the PHP cycle, which should give back ``real``);
+- ``identity_on_real``: ``G_HP(x_p, y_p)`` (a real CMB under its own mask: should stay ``real``);
+- ``identity_on_healthy``: ``G_PH(x_h, y_hp)`` (healthy tissue under a mask: should stay ~1).
+
+    python scripts/synthesis_diagnosis.py --models_dir bundles/cmb_synthesis/ablation/lesion_critic/seed0/models \\
+        --output bundles/cmb_synthesis/ablation/lesion_critic/seed0/diagnosis.json [--override lambda_x=1 ...]
+
+Overrides (``key=value``, values parsed as YAML) rebuild the networks as the run trained them when its network
+settings differ from ``train.yaml``'s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from monai.bundle import ConfigParser  # noqa: E402
+
+from cmb_synthesis.data.io import write_json  # noqa: E402
+from cmb_synthesis.synthesis.realism import batch_measurements  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
+    parser["ckpt_dir"] = str(models_dir)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
+    for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
+        net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
+        net.eval()
+    profiles: dict[str, list[np.ndarray]] = {k: [] for k in (
+        "real", "synthetic", "healthy_input", "pseudo_healthy", "php_reconstruction", "identity_on_real",
+        "identity_on_healthy")}
+    with torch.no_grad():
+        for it in parser.get_parsed_content("validate#items"):
+            x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
+            x_p, y_p, b_p = (torch.as_tensor(it[k])[None].float() for k in ("x_p", "y_p", "brainmask_p"))
+            fake_h = G_PH(x_p, y_p)
+            for key, img, y, b in (
+                ("real", x_p, y_p, b_p), ("synthetic", G_HP(x_h, y_hp), y_hp, b_h),
+                ("healthy_input", x_h, y_hp, b_h), ("pseudo_healthy", fake_h, y_p, b_p),
+                ("php_reconstruction", G_HP(fake_h, y_p), y_p, b_p), ("identity_on_real", G_HP(x_p, y_p), y_p, b_p),
+                ("identity_on_healthy", G_PH(x_h, y_hp), y_hp, b_h),
+            ):
+                profiles[key].append(batch_measurements(img, y, b)[0])
+    out = {"models_dir": str(models_dir), "overrides": overrides or {}, "radii": [0, 1, 2, 3, 4]}
+    for key, parts in profiles.items():
+        p = np.concatenate(parts) if parts else np.zeros((0, 5))
+        out[key] = {"n_lesions": int(len(p)), "profile": [round(float(v), 4) for v in np.nanmean(p, 0)]}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models_dir", type=Path, required=True)
+    ap.add_argument("--output", type=Path, default=None, help="JSON file (default: <models_dir>/../diagnosis.json)")
+    ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides (YAML values)")
+    a = ap.parse_args(argv)
+    overrides = {}
+    for kv in a.override:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            ap.error(f"--override expects key=value, got {kv!r}")
+        overrides[k] = yaml.safe_load(v)
+    out = diagnose(a.models_dir.resolve(), overrides)
+    dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
+    write_json(out, dest)
+    for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
+        print(f"{key:20s} n={out[key]['n_lesions']:3d} profile {out[key]['profile']}")
+    print(f"written: {dest}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
