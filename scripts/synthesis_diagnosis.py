@@ -47,6 +47,9 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
     for k, v in (overrides or {}).items():
         parser[k] = v
     G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
+    missing = [n for n in ("G_HP.pt", "G_PH.pt") if not (models_dir / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{models_dir}: no {', '.join(missing)} (a finished synthesis run writes them)")
     for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
         net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
         net.eval()
