@@ -294,6 +294,9 @@ class LesionIdentityLoss(GeneratorLoss):
     lesion to itself rules the offsets out: ``G_HP`` must map light and dark tissue alike to a CMB's intensity
     (paint to a level, not by an amount) and ``G_PH`` both to the tissue's. The paper's ``L_ID`` is a mean over the
     whole patch (``G_PH`` with an empty mask), where a lesion is ~0.1 % of the voxels. One extra ``G_PH`` pass.
+    Measured (weight 10, seed 0, CPU preset, 800 iterations): no effect on the realism metrics, and the offsets
+    stayed (``G_HP(x_p, y_p)`` centre 0.0, ``G_PH(x_h, y_hp)`` centre 1.52), so it is off by default
+    (``lambda_id_lesion: 0``); a longer schedule may differ.
     """
 
     def __init__(self, weight: float = 5.0, dilation: int = 2, name: str = "ID_lesion") -> None:
