@@ -197,6 +197,22 @@ def test_lesion_critic_is_one_config_value():
     assert float(paper.get_parsed_content("lambda_gan_lesion")) == 0.0
 
 
+def test_lesion_identity_is_one_config_value():
+    """train.yaml: lambda_id_lesion > 0 adds the LesionIdentityLoss term (off by default and in paper.yaml)."""
+    from cmb_synthesis.synthesis.losses import LesionIdentityLoss
+
+    on = _lesion_config(lambda_id_lesion=2.0)
+    terms = on.get_parsed_content("train#trainer").generator_objective.terms
+    found = [t for t in terms if isinstance(t, LesionIdentityLoss)]
+    assert len(found) == 1 and found[0].weight == 2.0 and found[0].dilation == 2
+    off = _lesion_config()
+    assert float(off.get_parsed_content("lambda_id_lesion")) == 0.0
+    assert not any(isinstance(t, LesionIdentityLoss) for t in off.get_parsed_content("train#trainer").generator_objective.terms)
+    paper = ConfigParser()
+    paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
+    assert float(paper.get_parsed_content("lambda_id_lesion")) == 0.0
+
+
 def test_nan_guard_stops_with_clear_message(tmp_path):
     nets = _nets()
     with torch.no_grad():
