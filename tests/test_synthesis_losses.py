@@ -191,17 +191,23 @@ def test_generator_objective_rejects_bad_terms():
         GeneratorObjective(g1, g2, d1, d2, [nn.L1Loss()])
 
 
-def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_each_cycle():
+def _lesion_case():
+    """Two perturbed generators, two critics, 16^3 images with a 2^3 lesion, a full brain mask, and the lesion
+    region of a one-voxel dilation (what the lesion-focused terms average over)."""
     g1, g2 = _perturbed_generators()
     d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
     x_h, x_p = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
     y = torch.zeros_like(x_h)
     y[:, :, 7:9, 7:9, 7:9] = 1
-    bm = torch.ones_like(x_h)
+    region = torch.zeros_like(y, dtype=torch.bool)
+    region[:, :, 6:10, 6:10, 6:10] = True
+    return g1, g2, d1, d2, x_h, x_p, y, torch.ones_like(x_h), region
+
+
+def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_each_cycle():
+    g1, g2, d1, d2, x_h, x_p, y, bm, region = _lesion_case()
     term = LesionCycleLoss(weight=1.0, dilation=1)
     out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
-    region = torch.zeros_like(y, dtype=torch.bool)
-    region[:, :, 6:10, 6:10, 6:10] = True  # the mask dilated by one voxel
     with torch.no_grad():
         paint = (g1(g2(x_p, y), y) - x_p).abs()[region].mean()
         remove = (g2(g1(x_h, y), y) - x_h).abs()[region].mean()
@@ -216,16 +222,9 @@ def test_lesion_cycle_loss_is_local_and_teaches_only_the_generator_that_closes_e
 
 
 def test_lesion_identity_loss_is_local_and_rules_out_offset_generators():
-    g1, g2 = _perturbed_generators()
-    d1, d2 = CMBCritic(channels=4, num_layers_d=2), CMBCritic(channels=4, num_layers_d=2)
-    x_h, x_p = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
-    y = torch.zeros_like(x_h)
-    y[:, :, 7:9, 7:9, 7:9] = 1
-    bm = torch.ones_like(x_h)
+    g1, g2, d1, d2, x_h, x_p, y, bm, region = _lesion_case()
     term = LesionIdentityLoss(weight=1.0, dilation=1)
     out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
-    region = torch.zeros_like(y, dtype=torch.bool)
-    region[:, :, 6:10, 6:10, 6:10] = True  # the mask dilated by one voxel
     with torch.no_grad():
         expected = (g1(x_p, y) - x_p).abs()[region].mean() + (g2(x_h, y) - x_h).abs()[region].mean()
     torch.testing.assert_close(out["ID_lesion"], expected)
