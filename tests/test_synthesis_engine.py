@@ -176,7 +176,7 @@ def _lesion_config(**overrides):
 
 
 def test_lesion_critic_is_one_config_value():
-    """train.yaml: lambda_gan_lesion > 0 (the CPU preset: 1) adds the GAN_lesion term and the two lesion critics'
+    """train.yaml: lambda_gan_lesion > 0 (the CPU preset: 5) adds the GAN_lesion term and the two lesion critics'
     objectives (their parameters are in the critics' optimiser); 0 (paper.yaml) leaves only the whole-patch
     critics."""
     on = _lesion_config(lambda_gan_lesion=0.5)
@@ -187,7 +187,7 @@ def test_lesion_critic_is_one_config_value():
     assert tr.lesion_objectives["P_lesion"].critic is on.get_parsed_content("D_P_lesion")
     opt_ids = {id(q) for g in on.get_parsed_content("d_optimizer").param_groups for q in g["params"]}
     assert {id(q) for q in on.get_parsed_content("D_H_lesion").parameters()} <= opt_ids
-    assert float(_lesion_config().get_parsed_content("lambda_gan_lesion")) == 1.0  # on in the CPU preset
+    assert float(_lesion_config().get_parsed_content("lambda_gan_lesion")) == 5.0  # on in the CPU preset
     off = _lesion_config(lambda_gan_lesion=0.0)
     tr_off = off.get_parsed_content("train#trainer")
     assert not tr_off.lesion_objectives
