@@ -68,7 +68,9 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
                 ("identity_on_healthy", G_PH(x_h, y_hp), y_hp, b_h),
             ):
                 profiles[key].append(batch_measurements(img, y, b)[0])
-    out = {"models_dir": str(models_dir), "overrides": overrides or {}, "radii": [0, 1, 2, 3, 4]}
+    # recorded relative to the repository when the run lies inside it (the JSON is a committed artefact)
+    shown = models_dir.relative_to(ROOT) if models_dir.is_relative_to(ROOT) else models_dir
+    out = {"models_dir": str(shown), "overrides": overrides or {}, "radii": [0, 1, 2, 3, 4]}
     for key, parts in profiles.items():
         p = np.concatenate(parts) if parts else np.zeros((0, 5))
         out[key] = {"n_lesions": int(len(p)), "profile": [round(float(v), 4) for v in np.nanmean(p, 0)]}
