@@ -249,7 +249,18 @@ def lesion_l1(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, di
     return (region * (output - target).abs()).sum() / region.sum().clamp_min(1.0)
 
 
-class LesionCycleLoss(GeneratorLoss):
+class _LesionL1Loss(GeneratorLoss):
+    """A generator term made of :func:`lesion_l1` averages over the mask dilated by ``dilation`` voxels."""
+
+    def __init__(self, weight: float, dilation: int, name: str) -> None:
+        super().__init__(weight, name)
+        self.dilation = int(dilation)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dilation={self.dilation}"
+
+
+class LesionCycleLoss(_LesionL1Loss):
     """Cycle consistency where the lesions are (ours, beyond the paper): each cycle teaches the generator that
     closes it, averaged over the voxels within ``dilation`` voxels of the mask (brain only, :func:`lesion_l1`):
 
@@ -264,8 +275,7 @@ class LesionCycleLoss(GeneratorLoss):
     """
 
     def __init__(self, weight: float = 10.0, dilation: int = 2, name: str = "CC_lesion") -> None:
-        super().__init__(weight, name)
-        self.dilation = int(dilation)
+        super().__init__(weight, dilation, name)
 
     def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
         total = cycle["x_p"].new_zeros(())
@@ -277,11 +287,8 @@ class LesionCycleLoss(GeneratorLoss):
             total = total + lesion_l1(rec, cycle[target], cycle[mask], self.dilation, cycle.get(bm))
         return total
 
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dilation={self.dilation}"
 
-
-class LesionIdentityLoss(GeneratorLoss):
+class LesionIdentityLoss(_LesionL1Loss):
     """Identity where the lesions are (ours, beyond the paper), averaged over ``dil(mask)`` (:func:`lesion_l1`):
 
     - ``|G_HP(x_p, y_p) - x_p|_1`` over ``dil(y_p)``: a real CMB under its own mask stays as it is;
@@ -300,16 +307,12 @@ class LesionIdentityLoss(GeneratorLoss):
     """
 
     def __init__(self, weight: float = 5.0, dilation: int = 2, name: str = "ID_lesion") -> None:
-        super().__init__(weight, name)
-        self.dilation = int(dilation)
+        super().__init__(weight, dilation, name)
 
     def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
         id_h = cycle["G_PH"](cycle["x_h"], cycle["y_hp"])
         return (lesion_l1(cycle["id_p"], cycle["x_p"], cycle["y_p"], self.dilation, cycle.get("brainmask_p"))
                 + lesion_l1(id_h, cycle["x_h"], cycle["y_hp"], self.dilation, cycle.get("brainmask_h")))
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dilation={self.dilation}"
 
 
 def lesion_crops(
