@@ -108,6 +108,7 @@ g_channels: 2
 g_res_blocks: 1
 d_channels: 2
 n_critic: 1
+lr_decay_start: 1           # the learning-rate schedule's state resumes too
 kill_epoch: 0
 +imports: ["$import killpoint", "$import cmb_synthesis.training.resume"]
 +train#handlers:
@@ -119,7 +120,8 @@ kill_epoch: 0
 @pytest.mark.e2e
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_path):
     """The synthesis bundle, killed with SIGKILL in epoch 3 of 3 and resumed with --resume true, ends with
-    exactly the weights of an uninterrupted run; the epoch-2 checkpoint is there (at most one epoch lost)."""
+    exactly the weights of an uninterrupted run (learning-rate decay included); the epoch-2 checkpoint is there
+    (at most one epoch lost)."""
     (tmp_path / "killpoint.py").write_text(KILLPOINT)
     (tmp_path / "tiny.yaml").write_text(TINY_SYNTHESIS)
     files = repr([str(SYN_TRAIN), str(tmp_path / "tiny.yaml")])
@@ -156,7 +158,11 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_cohort, tmp_pa
         b = torch.load(run_dir / "models" / f"{name}.pt", weights_only=True)
         for k in a:
             torch.testing.assert_close(b[k], a[k], rtol=0, atol=0)
-    start = torch.load(latest, weights_only=True)["G_HP"]
+    ckpt = torch.load(latest, weights_only=True)
+    # the schedule stepped once per iteration before the checkpoint: decay from iteration 2 of 6
+    assert ckpt["g_lr_scheduler"]["last_epoch"] == 4 and ckpt["d_lr_scheduler"]["last_epoch"] == 4
+    assert ckpt["g_optimizer"]["param_groups"][0]["lr"] < ckpt["g_lr_scheduler"]["base_lrs"][0]
+    start = ckpt["G_HP"]
     final = torch.load(run_dir / "models" / "G_HP.pt", weights_only=True)
     assert any(not torch.equal(start[k], final[k]) for k in start)  # the resumed run did train epoch 3
 

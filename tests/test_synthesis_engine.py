@@ -197,20 +197,28 @@ def test_lesion_critic_is_one_config_value():
     assert float(paper.get_parsed_content("lambda_gan_lesion")) == 0.0
 
 
-def test_lesion_identity_is_one_config_value():
-    """train.yaml: lambda_id_lesion > 0 adds the LesionIdentityLoss term (off by default and in paper.yaml)."""
-    from cmb_synthesis.synthesis.losses import LesionIdentityLoss
+@pytest.mark.parametrize(
+    "key, cls, default, attrs",
+    [
+        ("lambda_id_lesion", "LesionIdentityLoss", 0.0, {"dilation": 2}),
+        ("lambda_profile_lesion", "LesionProfileLoss", 0.0, {"max_radius": 4, "ring": (5.0, 7.0)}),
+    ],
+)
+def test_lesion_generator_term_is_one_config_value(key, cls, default, attrs):
+    """train.yaml: one weight adds its lesion term (its CPU-preset default; off in paper.yaml), 0 removes it."""
+    from cmb_synthesis.synthesis import losses
 
-    on = _lesion_config(lambda_id_lesion=2.0)
-    terms = on.get_parsed_content("train#trainer").generator_objective.terms
-    found = [t for t in terms if isinstance(t, LesionIdentityLoss)]
-    assert len(found) == 1 and found[0].weight == 2.0 and found[0].dilation == 2
-    off = _lesion_config()
-    assert float(off.get_parsed_content("lambda_id_lesion")) == 0.0
-    assert not any(isinstance(t, LesionIdentityLoss) for t in off.get_parsed_content("train#trainer").generator_objective.terms)
+    cls = getattr(losses, cls)
+    on = _lesion_config(**{key: 2.0})
+    found = [t for t in on.get_parsed_content("train#trainer").generator_objective.terms if isinstance(t, cls)]
+    assert len(found) == 1 and found[0].weight == 2.0
+    assert all(getattr(found[0], a) == v for a, v in attrs.items())
+    assert float(_lesion_config().get_parsed_content(key)) == default
+    off = _lesion_config(**{key: 0.0})
+    assert not any(isinstance(t, cls) for t in off.get_parsed_content("train#trainer").generator_objective.terms)
     paper = ConfigParser()
     paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
-    assert float(paper.get_parsed_content("lambda_id_lesion")) == 0.0
+    assert float(paper.get_parsed_content(key)) == 0.0
 
 
 def test_nan_guard_stops_with_clear_message(tmp_path):

@@ -21,10 +21,12 @@ from cmb_synthesis.synthesis.losses import (
     LesionCriticObjective,
     LesionCycleLoss,
     LesionIdentityLoss,
+    LesionProfileLoss,
     critic_input,
     gradient_penalty,
     lesion_crops,
     paper_terms,
+    radial_profiles,
 )
 from cmb_synthesis.synthesis.networks import CMBCritic, CMBGenerator
 
@@ -346,3 +348,59 @@ def test_lesion_adversarial_term_is_named_and_trains_only_the_generators_that_ma
     p_only({"fake_p": g1(x_h, y), "y_hp": y}).backward()
     assert g1.head.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in g2.parameters())
+
+
+def test_radial_profiles_equal_the_evaluators_realism_profiles():
+    from cmb_synthesis.synthesis.realism import lesion_measurements
+
+    g = torch.Generator().manual_seed(0)
+    x = 0.6 + 0.2 * torch.rand(2, 1, 32, 32, 16, generator=g)
+    y = torch.zeros_like(x)
+    y[0, :, 15:18, 14:17, 7:9] = 1  # the centred lesion
+    y[0, :, 2:4, 2:4, 2:4] = 1  # another one, near the border: only the centred one is profiled
+    x[y > 0] *= 0.3
+    bm = torch.ones_like(x)
+    bm[0, :, 24:] = 0
+    prof, index = radial_profiles(x, y, bm)
+    assert index.tolist() == [0] and prof.shape == (1, 5)  # sample 1 has no lesion
+    y_one = y.clone()
+    y_one[0, :, 2:4] = 0
+    ref, _ = lesion_measurements(x[0], y_one[0], bm[0])
+    assert ref.shape == (1, 5)
+    torch.testing.assert_close(prof[0].double(), torch.from_numpy(ref[0]), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="radial_profiles"):
+        radial_profiles(x[:, :, :4], y)
+
+
+def test_lesion_profile_loss_pulls_painted_lesions_to_the_real_profile():
+    g1, g2, d1, d2, x_h, x_p, y, bm, region = _lesion_case()
+    x_h, x_p = torch.full_like(x_h, 0.8), torch.full_like(x_p, 0.8)
+    x_p[y > 0] = 0.16  # a real CMB at 0.2 of the tissue
+    term = LesionProfileLoss(weight=1.0, max_radius=1, ring=(4.0, 6.0))
+    # painted at 0.4 of the tissue, pseudo-healthy site left at 0.5, both flat over the lesion
+    fake_p, fake_h = x_h.clone(), x_p.clone()
+    fake_p[y > 0], fake_h[y > 0] = 0.32, 0.4
+    cycle = {"x_h": x_h, "y_hp": y, "x_p": x_p, "y_p": y, "brainmask_h": bm, "brainmask_p": bm,
+             "fake_p": fake_p.requires_grad_(True), "fake_h": fake_h.requires_grad_(True)}
+    with torch.no_grad():
+        prof = lambda im: radial_profiles(im, y, bm, 1, (4.0, 6.0))[0]  # noqa: E731
+        expected = (prof(fake_p) - prof(x_p)).abs().sum() + (prof(fake_h) - prof(x_h)).abs().sum()
+    loss = term(cycle)
+    torch.testing.assert_close(loss, expected)
+    assert loss.item() > 0.2
+    loss.backward()
+    # the gradient darkens the painted lesion and lightens the pseudo-healthy site (the lesion voxels within
+    # max_radius of the centre), and touches nothing far away
+    gp, gh = cycle["fake_p"].grad[y > 0], cycle["fake_h"].grad[y > 0]
+    assert (gp >= 0).all() and (gp > 0).sum() == 7 and (gh <= 0).all() and (gh < 0).sum() == 7
+    assert cycle["fake_p"].grad[..., :2, :, :].abs().max() == 0
+    # painted at the real lesion's profile: 0; a batch without any lesion: 0 (no NaN)
+    assert term({**cycle, "fake_p": x_p.clone(), "fake_h": x_h.clone()}).item() < 1e-6
+    empty = torch.zeros_like(y)
+    assert term({**cycle, "y_hp": empty, "y_p": empty}).item() == 0.0
+    with pytest.raises(ValueError, match="max_radius"):
+        LesionProfileLoss(max_radius=5, ring=(5.0, 7.0))
+    # inside the full objective it trains both generators
+    out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
+    out["G"].backward()
+    assert g1.head.weight.grad.abs().sum() > 0 and g2.head.weight.grad.abs().sum() > 0

@@ -25,6 +25,9 @@ mask ``y_p``, ``x_p2`` an independent pathological image (the critic's real samp
   (:class:`LesionCriticObjective`); the generators' part is the term :class:`LesionAdversarialLoss`
   (``GAN_lesion``, weight ``lambda_gan_lesion``). In a whole 32x32x16 patch a 3 mm lesion is about 0.1 % of the
   voxels, so the whole-patch critics' signal about the lesion's appearance is small.
+- Lesion profile matching (ours, off in the paper preset): :class:`LesionProfileLoss` (``PM_lesion``, weight
+  ``lambda_profile_lesion``) pulls the batch-mean radial profile (:func:`radial_profiles`) of painted lesions
+  towards that of the real lesions in the batch, and of pseudo-healthy sites towards healthy tissue.
 
 Default weights and where they come from: ``lambda_cc = 10`` and ``lambda_id = 5`` (= 0.5 * lambda_cc), the
 CycleGAN reference implementation [7]; ``lambda_gp = 10`` and ``n_critic = 5``, WGAN-GP [14];
@@ -68,6 +71,9 @@ __all__ = [
     "LesionIdentityLoss",
     "lesion_crops",
     "LesionAdversarialLoss",
+    "centred_lesions",
+    "radial_profiles",
+    "LesionProfileLoss",
     "paper_terms",
     "CriticObjective",
     "LesionCriticObjective",
@@ -315,6 +321,32 @@ class LesionIdentityLoss(_LesionL1Loss):
                 + lesion_l1(id_h, cycle["x_h"], cycle["y_hp"], self.dilation, cycle.get("brainmask_h")))
 
 
+def centred_lesions(mask: torch.Tensor, size: Sequence[int]) -> list[tuple[int, torch.Tensor]]:
+    """The lesion each training patch is centred on, per sample: ``(b, centre)`` for the samples with a lesion.
+
+    The lesion is the one with the mask voxel nearest the patch centre (training patches are centred on a lesion
+    voxel, :mod:`cmb_synthesis.synthesis.data`; shifted inwards at the volume border); its centre is the rounded
+    centre of mass of the mask voxels within a ``size`` window around that voxel (shifted inwards to stay inside
+    the patch). ``mask`` (B, 1, X, Y, Z), non-zero = lesion; ``centre`` a (3,) long tensor of voxel indices.
+    """
+    binary = mask[:, 0] > 0
+    spatial = tuple(binary.shape[1:])
+    size = tuple(min(int(k), s) for k, s in zip(size, spatial))
+    half = torch.tensor([k // 2 for k in size], device=mask.device)
+    upper = torch.tensor([s - k for s, k in zip(spatial, size)], device=mask.device)
+    centre = torch.tensor([(s - 1) / 2 for s in spatial], device=mask.device)
+    found = []
+    for b in range(binary.shape[0]):
+        nz = binary[b].nonzero()
+        if not len(nz):
+            continue
+        seed = nz[((nz.float() - centre) ** 2).sum(1).argmin()]
+        lo = torch.minimum((seed - half).clamp(min=0), upper)
+        win = binary[b, lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]].nonzero()
+        found.append((b, (win.float().mean(0) + lo.float()).round().long()))
+    return found
+
+
 def lesion_crops(
     image: torch.Tensor, mask: torch.Tensor, size: Sequence[int]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -349,17 +381,8 @@ def lesion_crops(
     binary = mask[:, 0] > 0
     half = torch.tensor([k // 2 for k in size], device=mask.device)
     upper = torch.tensor([s - k for s, k in zip(spatial, size)], device=mask.device)
-    centre = torch.tensor([(s - 1) / 2 for s in spatial], device=mask.device)
     crops, masks, index = [], [], []
-    for b in range(image.shape[0]):
-        nz = binary[b].nonzero()
-        if not len(nz):
-            continue
-        seed = nz[((nz.float() - centre) ** 2).sum(1).argmin()]
-        lo = (seed - half).clamp(min=0)
-        lo = torch.minimum(lo, upper)
-        win = binary[b, lo[0] : lo[0] + size[0], lo[1] : lo[1] + size[1], lo[2] : lo[2] + size[2]].nonzero()
-        com = (win.float().mean(0) + lo.float()).round().long()
+    for b, com in centred_lesions(mask, size):
         start = torch.minimum((com - half).clamp(min=0), upper).tolist()
         sl = (b, slice(None), *(slice(s0, s0 + k) for s0, k in zip(start, size)))
         crops.append(image[sl])
@@ -419,6 +442,100 @@ class LesionAdversarialLoss(GeneratorLoss):
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, crop_size={self.crop_size}, critic_mask={self.critic_mask}"
+
+
+def radial_profiles(
+    image: torch.Tensor,
+    mask: torch.Tensor,
+    brainmask: torch.Tensor | None = None,
+    max_radius: int = 4,
+    ring: Sequence[float] = (5.0, 7.0),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Differentiable radial profile of each patch's centred lesion, as the evaluator measures it.
+
+    The torch twin of :func:`cmb_synthesis.synthesis.realism.lesion_measurements` for one lesion per sample (the
+    one :func:`centred_lesions` finds): the mean intensity of the voxels whose distance from the lesion centre
+    rounds to ``d = 0..max_radius``, divided by the mean of the surrounding tissue (brain voxels ``ring[0]`` to
+    ``ring[1]`` voxels from the centre, not within 1 voxel of any lesion). Shells are cut at the patch border.
+
+    Args:
+        image: (B, 1, X, Y, Z) intensities in [0, 1] (the gradient flows through every shell voxel).
+        mask: (B, 1, X, Y, Z) lesion masks (non-zero = lesion).
+        brainmask: (B, 1, X, Y, Z) non-zero inside the brain, or None (every voxel).
+        max_radius: the last profile distance (voxels); ring: the tissue reference's radii (voxels).
+
+    Returns:
+        ``(profiles, index)``: (N, max_radius + 1) relative intensities (1 = the tissue) and the (N,) long tensor
+        of their samples, for the N samples with a lesion and at least 10 reference tissue voxels.
+    """
+    if image.shape != mask.shape or image.ndim != 5 or image.shape[1] != 1:
+        raise ValueError(f"radial_profiles needs (B, 1, X, Y, Z) image and mask of one shape, got {tuple(image.shape)}, {tuple(mask.shape)}")
+    spatial = image.shape[2:]
+    grid = torch.stack(torch.meshgrid(*(torch.arange(s, device=image.device) for s in spatial), indexing="ij"), -1).float()
+    near = dilate(mask, 1)[:, 0]
+    brain = torch.ones_like(near) if brainmask is None else (brainmask[:, 0] > 0)
+    reach = int(max_radius) + 1
+    profiles, index = [], []
+    for b, c in centred_lesions(mask, (2 * reach + 1,) * 3):
+        dist = (grid - c.float()).norm(dim=-1)
+        tissue = (dist >= float(ring[0])) & (dist <= float(ring[1])) & brain[b] & ~near[b]
+        if int(tissue.sum()) < 10:
+            continue
+        img = image[b, 0]
+        ref = img[tissue].mean()
+        if float(ref.detach()) <= 1e-6:
+            continue
+        shells = [img[(dist - d).abs() < 0.5].mean() for d in range(int(max_radius) + 1)]
+        profiles.append(torch.stack(shells) / ref)
+        index.append(b)
+    if not profiles:
+        return image.new_zeros((0, int(max_radius) + 1)), torch.zeros(0, dtype=torch.long, device=image.device)
+    return torch.stack(profiles), torch.tensor(index, dtype=torch.long, device=image.device)
+
+
+class LesionProfileLoss(GeneratorLoss):
+    """Lesion radial-profile matching (ours, beyond the paper; "feature matching", Salimans et al. 2016): the
+    batch-mean :func:`radial_profiles` of the fakes pulled towards that of the real images of the same batch (the
+    real side detached), ``sum_d |mean_i p_d(fake_i) - mean_j p_d(real_j)|`` over ``d = 0..max_radius``:
+
+    - P side: painted lesions ``x~_p = G_HP(x_h, y_hp)`` at ``y_hp`` vs real lesions ``x_p`` at ``y_p``;
+    - H side: pseudo-healthy sites ``x~_h = G_PH(x_p, y_p)`` at ``y_p`` vs healthy tissue ``x_h`` at ``y_hp``.
+
+    Why: the lesion cycles are closed by any pair of opposite intensity offsets, and the critics, the only terms
+    that say how dark a CMB is, oscillate; on the CPU preset painted lesions stayed at 0.3-0.4 of the tissue at
+    their centre where real ones are ~0.16 (``scripts/synthesis_diagnosis.py``). This term pins the level, the
+    dark centre and the blooming rim. It matches batch means, not lesion by lesion, so a spread of contrasts stays
+    possible. Samples without a lesion (random pathological crops) drop out; a side with no profile on either
+    part contributes 0.
+
+    Args:
+        weight: ``lambda_profile_lesion``.
+        max_radius, ring: as :func:`radial_profiles` (the evaluator's realism profile: 4 and (5, 7) voxels).
+    """
+
+    def __init__(
+        self, weight: float = 10.0, max_radius: int = 4, ring: Sequence[float] = (5.0, 7.0), name: str = "PM_lesion"
+    ) -> None:
+        super().__init__(weight, name)
+        self.max_radius, self.ring = int(max_radius), tuple(float(r) for r in ring)
+        if self.max_radius < 0 or len(self.ring) != 2 or not self.max_radius < self.ring[0] < self.ring[1]:
+            raise ValueError(f"LesionProfileLoss needs 0 <= max_radius < ring[0] < ring[1], got {max_radius}, {ring}")
+
+    def _side(self, fake, fake_mask, fake_bm, real, real_mask, real_bm) -> torch.Tensor:
+        p_fake, _ = radial_profiles(fake, fake_mask, fake_bm, self.max_radius, self.ring)
+        with torch.no_grad():
+            p_real, _ = radial_profiles(real, real_mask, real_bm, self.max_radius, self.ring)
+        if not len(p_fake) or not len(p_real):
+            return fake.sum() * 0.0
+        return (p_fake.mean(0) - p_real.mean(0)).abs().sum()
+
+    def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
+        bm_h, bm_p = cycle.get("brainmask_h"), cycle.get("brainmask_p")
+        return (self._side(cycle["fake_p"], cycle["y_hp"], bm_h, cycle["x_p"], cycle["y_p"], bm_p)
+                + self._side(cycle["fake_h"], cycle["y_p"], bm_p, cycle["x_h"], cycle["y_hp"], bm_h))
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, max_radius={self.max_radius}, ring={self.ring}"
 
 
 def paper_terms(critic_mask: bool = False, am_in_hph: bool = False) -> list[GeneratorLoss]:
