@@ -94,7 +94,7 @@ def _config_iteration(batch: dict, extra_terms: list) -> tuple[CycleGANTrainer, 
     p.read_config(str(CONFIGS / "train.yaml"))
     overrides = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, n_critic=1,
                      lr=0.0, max_epochs=1, epoch_length=1,
-                     # the profile term's gradient (weight 50) dwarfs a small extra term's: the gradient differences
+                     # the profile term's gradient dwarfs a small extra term's: the gradient differences
                      # compared below would be float32 round-off
                      lambda_profile_lesion=0.0)  # fmt: skip
     for k, v in overrides.items():
@@ -204,7 +204,7 @@ def test_lesion_critic_is_one_config_value():
     "key, cls, default, attrs",
     [
         ("lambda_id_lesion", "LesionIdentityLoss", 0.0, {"dilation": 2}),
-        ("lambda_profile_lesion", "LesionProfileLoss", 50.0, {"max_radius": 4, "ring": (5.0, 7.0)}),
+        ("lambda_profile_lesion", "LesionProfileLoss", 10.0, {"max_radius": 4, "ring": (5.0, 7.0)}),
     ],
 )
 def test_lesion_generator_term_is_one_config_value(key, cls, default, attrs):
