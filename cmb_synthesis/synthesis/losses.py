@@ -506,7 +506,8 @@ class LesionProfileLoss(GeneratorLoss):
     their centre where real ones are ~0.16 (``scripts/synthesis_diagnosis.py``). This term pins the level, the
     dark centre and the blooming rim. It matches batch means, not lesion by lesion, so a spread of contrasts stays
     possible. Samples without a lesion (random pathological crops) drop out; a side with no profile on either
-    part contributes 0.
+    part contributes 0. Under DDP each rank matches its own batch's means (per-rank statistics, like
+    unsynchronised BatchNorm), so the averaged gradient is not that of the global batch's means.
 
     Args:
         weight: ``lambda_profile_lesion``.
