@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from monai.bundle import ConfigParser
@@ -170,7 +171,8 @@ def test_two_iterations_with_lesion_focused_critics():
 def _lesion_config(**overrides):
     p = ConfigParser()
     p.read_config(str(CONFIGS / "train.yaml"))
-    base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2)
+    # profile_size_bins 0: no reference to measure, so no cohort is needed (test_profile_size_reference_from_config)
+    base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, profile_size_bins=0)
     for k, v in {**base, **overrides}.items():
         p[k] = v
     p["train#trainer#train_data_loader"] = "$[None]"  # no cohort needed
@@ -222,6 +224,27 @@ def test_lesion_generator_term_is_one_config_value(key, cls, default, attrs):
     paper = ConfigParser()
     paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
     assert float(paper.get_parsed_content(key)) == 0.0
+
+
+def test_profile_size_reference_from_config(tiny_cohort):
+    """train.yaml: profile_size_bins > 0 gives LesionProfileLoss the training split's real profiles per size bin
+    (measured on the datalist's training lesions), 0 the batch target; paper.yaml has no profile term at all."""
+    from cmb_synthesis.synthesis.losses import LesionProfileLoss
+    from cmb_synthesis.synthesis.realism import size_binned_profiles
+
+    on = _lesion_config(profile_size_bins=2, datalist=tiny_cohort)
+    (term,) = [t for t in on.get_parsed_content("train#trainer").generator_objective.terms if isinstance(t, LesionProfileLoss)]
+    ref = size_binned_profiles(tiny_cohort, "training", 2)
+    assert term.reference.shape == (2, 5) and ref["counts"].sum() == len(ref["sizes"]) > 0
+    np.testing.assert_allclose(term.reference.numpy(), ref["profiles"], rtol=1e-6)
+    np.testing.assert_allclose(term.edges.numpy(), ref["edges"])
+    # the bins split the training lesions at their median size; the small ones are lighter at the centre
+    assert ref["counts"].min() >= len(ref["sizes"]) // 2 - 1 and ref["profiles"][0, 0] > ref["profiles"][-1, 0]
+    (batch,) = [t for t in _lesion_config(datalist=tiny_cohort).get_parsed_content("train#trainer").generator_objective.terms
+                if isinstance(t, LesionProfileLoss)]
+    assert batch.reference is None
+    with pytest.raises(ValueError, match="n_bins"):
+        size_binned_profiles(tiny_cohort, "training", 0)
 
 
 def test_nan_guard_stops_with_clear_message(tmp_path):

@@ -404,3 +404,56 @@ def test_lesion_profile_loss_pulls_painted_lesions_to_the_real_profile():
     out = GeneratorObjective(g1, g2, d1, d2, [term])(x_h, y, x_p, y, bm, bm)
     out["G"].backward()
     assert g1.head.weight.grad.abs().sum() > 0 and g2.head.weight.grad.abs().sum() > 0
+
+
+def test_radial_profile_sizes_equal_the_evaluators_component_sizes():
+    from cmb_synthesis.synthesis.realism import lesion_measurements
+
+    x = torch.full((2, 1, 32, 32, 16), 0.8)
+    y = torch.zeros_like(x)
+    y[0, :, 15:18, 14:17, 7:9] = 1  # 18 voxels, centred
+    y[1, :, 16, 16, 8] = 1  # 1 voxel ...
+    y[1, :, 17, 17, 9] = 1  # ... 26-connected to a second one: one lesion of 2
+    x[y > 0] = 0.2
+    prof, index, sizes = radial_profiles(x, y, None, return_sizes=True)
+    assert index.tolist() == [0, 1] and sizes.tolist() == [18, 2]
+    for b in range(2):
+        _, _, s = lesion_measurements(x[b], y[b], return_sizes=True)
+        assert s.tolist() == [sizes[b].item()]
+    assert len(radial_profiles(x, torch.zeros_like(y), return_sizes=True)[2]) == 0
+
+
+def test_lesion_profile_loss_with_a_size_reference_pulls_each_size_to_its_own_profile():
+    x = torch.full((2, 1, 32, 32, 16), 0.8)
+    y = torch.zeros_like(x)
+    y[0, :, 16, 16, 8] = 1  # a 1-voxel lesion (bin 0)
+    y[1, :, 15:18, 15:18, 7:10] = 1  # a 27-voxel lesion (bin 1)
+    bm = torch.ones_like(x)
+    # real small CMBs are light at their centre, large ones dark (partial volume vs blooming)
+    reference = {"edges": [10.0], "profiles": [[0.5, 0.9], [0.2, 0.4]]}
+    term = LesionProfileLoss(weight=1.0, max_radius=1, ring=(4.0, 6.0), reference=reference)
+    assert "2 size bins" in repr(term)
+    fake_p = x.clone()
+    fake_p[y > 0] = 0.8 * 0.35  # both painted at the average contrast
+    cycle = {"x_h": x, "y_hp": y, "x_p": x, "y_p": torch.zeros_like(y), "brainmask_h": bm, "brainmask_p": bm,
+             "fake_p": fake_p.requires_grad_(True), "fake_h": x.clone()}
+    with torch.no_grad():
+        prof = radial_profiles(fake_p, y, bm, 1, (4.0, 6.0))[0]
+        ref = torch.tensor(reference["profiles"])
+        expected = 0.5 * (prof[0] - ref[0]).abs().sum() + 0.5 * (prof[1] - ref[1]).abs().sum()
+    loss = term(cycle)
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    g = cycle["fake_p"].grad
+    # descent lightens the small lesion's centre and darkens the large one's
+    assert g[0, 0, 16, 16, 8] < 0 and g[1, 0, 16, 16, 8] > 0
+    # painted at each size's own profile: 0, whatever the batch's real lesions are (there are none here)
+    exact = LesionProfileLoss(weight=1.0, max_radius=1, ring=(4.0, 6.0), reference={"edges": [10.0], "profiles": prof})
+    assert exact({**cycle, "fake_p": fake_p.detach()}).item() < 1e-6
+    # the same lesions one bin apart: the reference of the other bin is not used
+    swapped = LesionProfileLoss(weight=1.0, max_radius=1, ring=(4.0, 6.0), reference={"edges": [10.0], "profiles": prof.flip(0)})
+    assert swapped({**cycle, "fake_p": fake_p.detach()}).item() > 0.1
+    with pytest.raises(ValueError, match="reference"):
+        LesionProfileLoss(max_radius=1, ring=(4.0, 6.0), reference={"edges": [10.0], "profiles": [[0.5, 0.9]]})
+    with pytest.raises(ValueError, match="edges must increase"):
+        LesionProfileLoss(max_radius=1, ring=(4.0, 6.0), reference={"edges": [10.0, 5.0], "profiles": [[1, 1]] * 3})

@@ -49,8 +49,10 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn as nn
+from scipy import ndimage
 
 from cmb_synthesis.synthesis.metrics import dilate
 
@@ -450,7 +452,8 @@ def radial_profiles(
     brainmask: torch.Tensor | None = None,
     max_radius: int = 4,
     ring: Sequence[float] = (5.0, 7.0),
-) -> tuple[torch.Tensor, torch.Tensor]:
+    return_sizes: bool = False,
+) -> tuple[torch.Tensor, ...]:
     """Differentiable radial profile of each patch's centred lesion, as the evaluator measures it.
 
     The torch twin of :func:`cmb_synthesis.synthesis.realism.lesion_measurements` for one lesion per sample (the
@@ -463,10 +466,13 @@ def radial_profiles(
         mask: (B, 1, X, Y, Z) lesion masks (non-zero = lesion).
         brainmask: (B, 1, X, Y, Z) non-zero inside the brain, or None (every voxel).
         max_radius: the last profile distance (voxels); ring: the tissue reference's radii (voxels).
+        return_sizes: also return each lesion's size.
 
     Returns:
         ``(profiles, index)``: (N, max_radius + 1) relative intensities (1 = the tissue) and the (N,) long tensor
-        of their samples, for the N samples with a lesion and at least 10 reference tissue voxels.
+        of their samples, for the N samples with a lesion and at least 10 reference tissue voxels; with
+        ``return_sizes`` also ``sizes`` (N,) long, voxels of the lesion's 26-connected component (counted within
+        ``ring[1]`` voxels of its centre), as ``lesion_measurements(..., return_sizes=True)`` counts them.
     """
     if image.shape != mask.shape or image.ndim != 5 or image.shape[1] != 1:
         raise ValueError(f"radial_profiles needs (B, 1, X, Y, Z) image and mask of one shape, got {tuple(image.shape)}, {tuple(mask.shape)}")
@@ -475,7 +481,7 @@ def radial_profiles(
     near = dilate(mask, 1)[:, 0]
     brain = torch.ones_like(near) if brainmask is None else (brainmask[:, 0] > 0)
     reach = int(max_radius) + 1
-    profiles, index = [], []
+    profiles, index, sizes = [], [], []
     for b, c in centred_lesions(mask, (2 * reach + 1,) * 3):
         dist = (grid - c.float()).norm(dim=-1)
         tissue = (dist >= float(ring[0])) & (dist <= float(ring[1])) & brain[b] & ~near[b]
@@ -488,9 +494,29 @@ def radial_profiles(
         shells = [img[(dist - d).abs() < 0.5].mean() for d in range(int(max_radius) + 1)]
         profiles.append(torch.stack(shells) / ref)
         index.append(b)
+        if return_sizes:
+            sizes.append(_component_size(mask[b, 0] > 0, c, int(round(float(ring[1])))))
     if not profiles:
-        return image.new_zeros((0, int(max_radius) + 1)), torch.zeros(0, dtype=torch.long, device=image.device)
-    return torch.stack(profiles), torch.tensor(index, dtype=torch.long, device=image.device)
+        out = (image.new_zeros((0, int(max_radius) + 1)), torch.zeros(0, dtype=torch.long, device=image.device))
+    else:
+        out = (torch.stack(profiles), torch.tensor(index, dtype=torch.long, device=image.device))
+    return out + (torch.tensor(sizes, dtype=torch.long, device=image.device),) if return_sizes else out
+
+
+def _component_size(binary: torch.Tensor, centre: torch.Tensor, reach: int) -> int:
+    """Voxels of the 26-connected component of ``binary`` (X, Y, Z) at ``centre`` (or, when the centre of mass of a
+    non-convex lesion falls outside it, at the mask voxel nearest the centre), counted within ``reach`` voxels."""
+    lo = (centre - reach).clamp(min=0)
+    win = binary[lo[0] : centre[0] + reach + 1, lo[1] : centre[1] + reach + 1, lo[2] : centre[2] + reach + 1]
+    labels, n = ndimage.label(win.detach().cpu().numpy(), structure=np.ones((3, 3, 3), bool))
+    if n == 0:
+        return 0
+    c = tuple(int(v) for v in (centre - lo).tolist())
+    label = int(labels[c])
+    if label == 0:
+        nz = np.argwhere(labels > 0)
+        label = int(labels[tuple(nz[((nz - np.array(c)) ** 2).sum(1).argmin()])])
+    return int((labels == label).sum())
 
 
 class LesionProfileLoss(GeneratorLoss):
@@ -509,18 +535,48 @@ class LesionProfileLoss(GeneratorLoss):
     part contributes 0. Under DDP each rank matches its own batch's means (per-rank statistics, like
     unsynchronised BatchNorm), so the averaged gradient is not that of the global batch's means.
 
+    **Size-conditioned target** (``reference``, ours): a CMB's contrast depends on its size (partial volume makes a
+    1-voxel CMB light at its centre, blooming makes a large one dark 2 voxels out). A batch mean lets the
+    generator paint every lesion at the average contrast: on the CPU preset the large painted CMBs stayed at 0.25
+    of the tissue at their centre where real large ones are at 0.17, the small ones too dark. With ``reference``
+    (:func:`cmb_synthesis.synthesis.realism.size_binned_profiles` of the training split: the real lesions' mean
+    profile per size bin) the P side becomes ``sum_b (n_b / N) sum_d |mean_{i in b} p_d(fake_i) - ref_{b,d}|``
+    over the size bins ``b`` of the painted lesions in the batch (``n_b`` of ``N``): each painted lesion is pulled
+    towards the real lesions of its own size (the mask ``G_HP`` is given says how large). The target is a fixed
+    population mean, not the batch's few real lesions (less noise; deterministic, so a resumed run is
+    unchanged). The H side is unchanged.
+
     Args:
         weight: ``lambda_profile_lesion``.
         max_radius, ring: as :func:`radial_profiles` (the evaluator's realism profile: 4 and (5, 7) voxels).
+        reference: None (batch target) or a mapping with ``edges`` (n - 1,) inner size-bin edges (voxels) and
+            ``profiles`` (n, max_radius + 1) real mean profiles per bin.
     """
 
     def __init__(
-        self, weight: float = 10.0, max_radius: int = 4, ring: Sequence[float] = (5.0, 7.0), name: str = "PM_lesion"
+        self,
+        weight: float = 10.0,
+        max_radius: int = 4,
+        ring: Sequence[float] = (5.0, 7.0),
+        reference: Mapping[str, Any] | None = None,
+        name: str = "PM_lesion",
     ) -> None:
         super().__init__(weight, name)
         self.max_radius, self.ring = int(max_radius), tuple(float(r) for r in ring)
         if self.max_radius < 0 or len(self.ring) != 2 or not self.max_radius < self.ring[0] < self.ring[1]:
             raise ValueError(f"LesionProfileLoss needs 0 <= max_radius < ring[0] < ring[1], got {max_radius}, {ring}")
+        self.edges = self.reference = None
+        if reference is not None:
+            edges = torch.as_tensor(np.asarray(reference["edges"], np.float64), dtype=torch.float32).reshape(-1)
+            ref = torch.as_tensor(np.asarray(reference["profiles"], np.float64), dtype=torch.float32)
+            if ref.ndim != 2 or ref.shape != (len(edges) + 1, self.max_radius + 1) or not torch.isfinite(ref).all():
+                raise ValueError(
+                    f"LesionProfileLoss reference: profiles must be finite, (len(edges) + 1, max_radius + 1) = "
+                    f"({len(edges) + 1}, {self.max_radius + 1}), got {tuple(ref.shape)}"
+                )
+            if len(edges) > 1 and not bool((edges[1:] > edges[:-1]).all()):
+                raise ValueError(f"LesionProfileLoss reference: edges must increase, got {edges.tolist()}")
+            self.edges, self.reference = edges, ref
 
     def _side(self, fake, fake_mask, fake_bm, real, real_mask, real_bm) -> torch.Tensor:
         p_fake, _ = radial_profiles(fake, fake_mask, fake_bm, self.max_radius, self.ring)
@@ -530,13 +586,29 @@ class LesionProfileLoss(GeneratorLoss):
             return fake.sum() * 0.0
         return (p_fake.mean(0) - p_real.mean(0)).abs().sum()
 
+    def _reference_side(self, fake, fake_mask, fake_bm) -> torch.Tensor:
+        p_fake, _, sizes = radial_profiles(fake, fake_mask, fake_bm, self.max_radius, self.ring, return_sizes=True)
+        if not len(p_fake):
+            return fake.sum() * 0.0
+        bins = torch.searchsorted(self.edges.to(fake.device), sizes.to(torch.float32), right=True)
+        ref = self.reference.to(device=fake.device, dtype=p_fake.dtype)
+        total = fake.sum() * 0.0
+        for b in bins.unique():
+            sel = bins == b
+            total = total + sel.float().mean() * (p_fake[sel].mean(0) - ref[b]).abs().sum()
+        return total
+
     def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
         bm_h, bm_p = cycle.get("brainmask_h"), cycle.get("brainmask_p")
-        return (self._side(cycle["fake_p"], cycle["y_hp"], bm_h, cycle["x_p"], cycle["y_p"], bm_p)
-                + self._side(cycle["fake_h"], cycle["y_p"], bm_p, cycle["x_h"], cycle["y_hp"], bm_h))
+        if self.reference is None:
+            p_side = self._side(cycle["fake_p"], cycle["y_hp"], bm_h, cycle["x_p"], cycle["y_p"], bm_p)
+        else:
+            p_side = self._reference_side(cycle["fake_p"], cycle["y_hp"], bm_h)
+        return p_side + self._side(cycle["fake_h"], cycle["y_p"], bm_p, cycle["x_h"], cycle["y_hp"], bm_h)
 
     def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, max_radius={self.max_radius}, ring={self.ring}"
+        bins = "batch" if self.reference is None else f"{len(self.reference)} size bins, edges {self.edges.tolist()}"
+        return f"{super().extra_repr()}, max_radius={self.max_radius}, ring={self.ring}, target={bins}"
 
 
 def paper_terms(critic_mask: bool = False, am_in_hph: bool = False) -> list[GeneratorLoss]:

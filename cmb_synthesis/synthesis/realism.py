@@ -35,6 +35,7 @@ __all__ = [
     "lesion_measurements",
     "batch_measurements",
     "reference_lesions",
+    "size_binned_profiles",
     "profile_summary",
     "two_sample_auc",
     "realism_report",
@@ -65,7 +66,8 @@ def lesion_measurements(
     max_radius: int = 4,
     ring: tuple[float, float] = (5.0, 7.0),
     patch_radius: int = 3,
-) -> tuple[np.ndarray, np.ndarray]:
+    return_sizes: bool = False,
+) -> tuple[np.ndarray, ...]:
     """Radial profiles and normalised patches of every lesion of one patch.
 
     Args:
@@ -75,19 +77,24 @@ def lesion_measurements(
         max_radius: profile distances 0..max_radius voxels.
         ring: (inner, outer) radius in voxels of the surrounding-tissue reference.
         patch_radius: half-width of the classifier patch.
+        return_sizes: also return the lesions' sizes.
 
     Returns:
         ``profiles`` (L, max_radius + 1) float64 relative intensities and ``patches``
         (L, (2 patch_radius + 1)^3) float32, for the L lesions whose window fits inside the patch and whose
-        reference ring holds at least 10 tissue voxels.
+        reference ring holds at least 10 tissue voxels; with ``return_sizes`` also ``sizes`` (L,) int64, the
+        voxel count of each lesion's 26-connected component.
     """
     img, m = _np3(image), _np3(mask) > 0
     brain = np.ones_like(m) if brainmask is None else _np3(brainmask) > 0
     if img.shape != m.shape or img.shape != brain.shape:
         raise ValueError(f"image {img.shape}, mask {m.shape} and brain mask {brain.shape} differ in shape")
     labels, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
+    k = (2 * patch_radius + 1) ** 3
     if n == 0:
-        return np.zeros((0, max_radius + 1)), np.zeros((0, (2 * patch_radius + 1) ** 3), np.float32)
+        empty = (np.zeros((0, max_radius + 1)), np.zeros((0, k), np.float32))
+        return empty + (np.zeros(0, np.int64),) if return_sizes else empty
+    component_sizes = np.bincount(labels.ravel(), minlength=n + 1)
     near_lesion = ndimage.binary_dilation(m, structure=np.ones((3, 3, 3), bool))
     reach = int(np.ceil(max(ring[1], max_radius, patch_radius)))
     g = np.arange(-reach, reach + 1)
@@ -95,8 +102,8 @@ def lesion_measurements(
     shells = [np.abs(dist - d) < 0.5 for d in range(max_radius + 1)]
     ring_sel = (dist >= ring[0]) & (dist <= ring[1])
     pr = slice(reach - patch_radius, reach + patch_radius + 1)
-    profiles, patches = [], []
-    for c in ndimage.center_of_mass(m, labels, range(1, n + 1)):
+    profiles, patches, sizes = [], [], []
+    for label, c in enumerate(ndimage.center_of_mass(m, labels, range(1, n + 1)), start=1):
         c = np.rint(c).astype(int)
         if (c - reach < 0).any() or (c + reach >= np.array(img.shape)).any():
             continue
@@ -109,8 +116,9 @@ def lesion_measurements(
             continue
         profiles.append([float(wi[s].mean()) / ref for s in shells])
         patches.append((wi[pr, pr, pr] / ref).astype(np.float32).ravel())
-    k = (2 * patch_radius + 1) ** 3
-    return (np.asarray(profiles, np.float64).reshape(-1, max_radius + 1), np.asarray(patches, np.float32).reshape(-1, k))
+        sizes.append(int(component_sizes[label]))
+    out = (np.asarray(profiles, np.float64).reshape(-1, max_radius + 1), np.asarray(patches, np.float32).reshape(-1, k))
+    return out + (np.asarray(sizes, np.int64),) if return_sizes else out
 
 
 def profile_summary(real: np.ndarray, synthetic: np.ndarray) -> dict[str, Any]:
@@ -202,6 +210,47 @@ def reference_lesions(datalist: PathLike, split: str = "validation") -> tuple[np
         profs.append(p)
         pats.append(q)
     return np.concatenate(profs), np.concatenate(pats)
+
+
+def size_binned_profiles(
+    datalist: PathLike, split: str = "training", n_bins: int = 4, max_radius: int = 4, ring: tuple[float, float] = (5.0, 7.0)
+) -> dict[str, np.ndarray]:
+    """Mean radial profile of the real lesions of ``split`` per lesion-size bin (the target of
+    :class:`cmb_synthesis.synthesis.losses.LesionProfileLoss` with a reference).
+
+    Every real lesion of the pathological scans of ``split`` is measured as :func:`reference_lesions` does (whole
+    preprocessed volumes). The size bins are ``n_bins`` quantile bins of the lesion sizes (voxels of the
+    26-connected component), so they follow the data's resolution and lesion sizes; equal edges are merged.
+
+    Returns:
+        ``{"edges": (n - 1,) float64 inner bin edges (a lesion of size s is in bin ``searchsorted(edges, s,
+        "right")``), "profiles": (n, max_radius + 1) float64 mean profiles, "counts": (n,) int64 lesions per
+        bin, "sizes": (L,) int64}``.
+
+    Raises:
+        ValueError: ``n_bins < 1``, or no measurable lesion in ``split``.
+    """
+    if int(n_bins) < 1:
+        raise ValueError(f"size_binned_profiles needs n_bins >= 1, got {n_bins}")
+    _, patho = split_groups(load_split(datalist, split))
+    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    profs, sizes = [np.zeros((0, int(max_radius) + 1))], [np.zeros(0, np.int64)]
+    for item in patho:
+        if not item.get("label") or not item.get("brainmask"):
+            continue
+        d = pre({k: item[k] for k in ("image", "brainmask", "label")})
+        p, _, s = lesion_measurements(d["image"], d["label"], d["brainmask"], max_radius, ring, return_sizes=True)
+        profs.append(p)
+        sizes.append(s)
+    profiles, sizes_all = np.concatenate(profs), np.concatenate(sizes)
+    if not len(profiles):
+        raise ValueError(f"{datalist}: no measurable real lesion in split {split!r} (a profile reference needs one)")
+    q = np.quantile(sizes_all, np.linspace(0, 1, int(n_bins) + 1)[1:-1]) if int(n_bins) > 1 else np.zeros(0)
+    edges = np.unique(q)
+    bins = np.searchsorted(edges, sizes_all, side="right")
+    counts = np.bincount(bins, minlength=len(edges) + 1)
+    means = np.stack([profiles[bins == b].mean(0) if counts[b] else profiles.mean(0) for b in range(len(edges) + 1)])
+    return {"edges": edges.astype(np.float64), "profiles": means, "counts": counts.astype(np.int64), "sizes": sizes_all}
 
 
 class RealismMetric(Metric):
