@@ -18,6 +18,12 @@ the surrounding tissue at 0..4 voxels from each lesion centre, :mod:`cmb_synthes
 
 Overrides (``key=value``, values parsed as YAML) rebuild the networks as the run trained them when its network
 settings differ from ``train.yaml``'s.
+
+``--forces N`` adds the tug of war on the painter: over N training batches (``train#dataloader``), the gradient of
+each weighted generator term on ``G_HP``'s parameters (with the run's trained critics), projected on the
+direction of the lesion profile term's gradient (``PM_lesion``; a run without it is refused). Positive: the term
+pulls the same way as the profile matching; negative: against it (the batch means of the projection and of the
+gradient norm, in ``forces``).
 """
 
 from __future__ import annotations
@@ -77,11 +83,61 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
     return out
 
 
+def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, reference: str = "PM_lesion") -> dict:
+    """Each weighted generator term's gradient on G_HP's parameters projected on the ``reference`` term's
+    direction, averaged over ``n_batches`` training batches: ``{term: {"projection": .., "norm": ..}}``."""
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
+    parser["ckpt_dir"] = str(models_dir)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    objective = parser.get_parsed_content("train#trainer").generator_objective
+    for name in ("G_HP", "G_PH", "D_P", "D_H", "D_P_lesion", "D_H_lesion"):
+        if (models_dir / f"{name}.pt").is_file() and parser.get(name) is not None:
+            net = parser.get_parsed_content(name)
+            net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
+            net.eval()
+    terms = {t.name: t for t in objective.terms}
+    if reference not in terms:
+        raise ValueError(f"{models_dir}: the run's generator terms {sorted(terms)} have no {reference!r}")
+    G_HP, G_PH = objective.G_HP, objective.G_PH
+    params = list(G_HP.parameters())
+    sums: dict[str, np.ndarray] = {}
+    for i, b in enumerate(parser.get_parsed_content("train#dataloader")):
+        if i >= n_batches:
+            break
+        b = {k: v.float() for k, v in b.items()}
+        cycle = {k: b[k] for k in ("x_h", "y_hp", "x_p", "y_p", "brainmask_h", "brainmask_p")}
+        cycle.update(D_P=objective.D_P, D_H=objective.D_H, G_HP=G_HP, G_PH=G_PH)
+        # the two cycles as GeneratorObjective.forward makes them
+        cycle["fake_p"] = G_HP(b["x_h"], b["y_hp"])
+        cycle["rec_h"] = G_PH(cycle["fake_p"], b["y_hp"])
+        cycle["id_h"] = G_PH(b["x_h"], torch.zeros_like(b["y_hp"]))
+        cycle["fake_h"] = G_PH(b["x_p"], b["y_p"])
+        cycle["rec_p"] = G_HP(cycle["fake_h"], b["y_p"])
+        cycle["id_p"] = G_HP(b["x_p"], b["y_p"])
+        grads = {}
+        for name, t in terms.items():
+            value = t.weight * t(cycle)
+            if not value.requires_grad:
+                grads[name] = torch.zeros(sum(q.numel() for q in params))
+                continue
+            gs = torch.autograd.grad(value, params, retain_graph=True, allow_unused=True)
+            grads[name] = torch.cat([(g if g is not None else torch.zeros_like(q)).flatten() for g, q in zip(gs, params)])
+        ref = grads[reference]
+        unit = ref / ref.norm().clamp(min=1e-12)
+        for name, g in grads.items():
+            sums[name] = sums.get(name, np.zeros(2)) + np.array([float(g @ unit), float(g.norm())])
+    n = max(1, min(n_batches, i + 1))
+    return {name: {"projection": round(v[0] / n, 4), "norm": round(v[1] / n, 4)} for name, v in sums.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
     ap.add_argument("--output", type=Path, default=None, help="JSON file (default: <models_dir>/../diagnosis.json)")
     ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides (YAML values)")
+    ap.add_argument("--forces", type=int, default=0, metavar="N", help="also the terms' pull on G_HP over N training batches")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.override:
@@ -90,10 +146,14 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--override expects key=value, got {kv!r}")
         overrides[k] = yaml.safe_load(v)
     out = diagnose(a.models_dir.resolve(), overrides)
+    if a.forces > 0:
+        out["forces"] = forces(a.models_dir.resolve(), a.forces, overrides)
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
         print(f"{key:20s} n={out[key]['n_lesions']:3d} profile {out[key]['profile']}")
+    for name, f in out.get("forces", {}).items():
+        print(f"{name:12s} pull along PM_lesion {f['projection']:+10.3f}  gradient norm {f['norm']:9.3f}")
     print(f"written: {dest}")
     return 0
 
