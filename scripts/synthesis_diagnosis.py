@@ -24,6 +24,15 @@ each weighted generator term on ``G_HP``'s parameters (with the run's trained cr
 direction of the lesion profile term's gradient (``PM_lesion``; a run without it is refused). Positive: the term
 pulls the same way as the profile matching; negative: against it (the batch means of the projection and of the
 gradient norm, in ``forces``).
+
+``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
+validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
+(every CMB of the validation scans) are split into the training split's quantile size bins
+(:func:`cmb_synthesis.synthesis.realism.size_binned_profiles`, ``profile_size_bins`` bins, at least 2); per bin the
+mean centre intensity of each set and of the training lesions; the centre ratio as the evaluator computes it
+(``raw``), with the painted bins re-weighted to the real lesions' size composition (``size_matched``), and the two
+that a generator painting every size exactly like the training lesions would score (``training_match_raw``,
+``training_match_size_matched``).
 """
 
 from __future__ import annotations
@@ -132,12 +141,77 @@ def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, refe
     return {name: {"projection": round(v[0] / n, 4), "norm": round(v[1] / n, 4)} for name, v in sums.items()}
 
 
+def composition(models_dir: Path, overrides: dict | None = None) -> dict:
+    """The centre ratio split into generator and size-composition parts (see the module docstring)."""
+    from cmb_synthesis.synthesis.realism import lesion_measurements, size_binned_profiles
+
+    parser = ConfigParser()
+    parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
+    parser["ckpt_dir"] = str(models_dir)
+    for k, v in (overrides or {}).items():
+        parser[k] = v
+    G_HP = parser.get_parsed_content("G_HP")
+    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
+    G_HP.eval()
+    datalist = parser.get_parsed_content("datalist")
+    n_bins = max(2, int(parser.get_parsed_content("profile_size_bins")))
+    train = size_binned_profiles(datalist, "training", n_bins)
+    real = size_binned_profiles(datalist, "validation", 1)
+    # the real lesions' own profiles, bin by bin (size_binned_profiles with one bin keeps every size)
+    real_centres, real_sizes = [], []
+    from cmb_synthesis.data.datalist import load_split, split_groups
+    from transforms.pipelines import preprocessing
+
+    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    for item in split_groups(load_split(datalist, "validation"))[1]:
+        if item.get("label") and item.get("brainmask"):
+            d = pre({k: item[k] for k in ("image", "brainmask", "label")})
+            prof, _, sizes = lesion_measurements(d["image"], d["label"], d["brainmask"], return_sizes=True)
+            real_centres.append(prof[:, 0])
+            real_sizes.append(sizes)
+    syn_centres, syn_sizes = [], []
+    with torch.no_grad():
+        for it in parser.get_parsed_content("validate#items"):
+            x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
+            prof, _, sizes = lesion_measurements(G_HP(x_h, y_hp)[0], y_hp[0], b_h[0], return_sizes=True)
+            syn_centres.append(prof[:, 0])
+            syn_sizes.append(sizes)
+    rc, rs = np.concatenate(real_centres), np.concatenate(real_sizes)
+    sc, ss = np.concatenate(syn_centres), np.concatenate(syn_sizes)
+    if not len(rc) or not len(sc):
+        raise ValueError(f"{models_dir}: no measurable real or painted validation lesion")
+    edges, n = train["edges"], len(train["edges"]) + 1
+    rb, sb = np.searchsorted(edges, rs, side="right"), np.searchsorted(edges, ss, side="right")
+    real_w = np.bincount(rb, minlength=n) / len(rb)
+    syn_w = np.bincount(sb, minlength=n) / len(sb)
+    syn_bin = np.array([sc[sb == k].mean() if (sb == k).any() else np.nan for k in range(n)])
+    real_bin = np.array([rc[rb == k].mean() if (rb == k).any() else np.nan for k in range(n)])
+    ref = rc.mean()
+    # bins without a painted lesion fall back to the painted mean (noted by count 0)
+    syn_filled = np.where(np.isnan(syn_bin), sc.mean(), syn_bin)
+    r = lambda v: round(float(v), 4)  # noqa: E731
+    pct = lambda a: [r(v) for v in np.percentile(a, [10, 25, 50, 75, 90])]  # noqa: E731
+    return {
+        "edges": [r(e) for e in edges],
+        "count_synthetic": np.bincount(sb, minlength=n).tolist(), "count_real": np.bincount(rb, minlength=n).tolist(),
+        "size_percentiles_10_25_50_75_90": {"synthetic": pct(ss), "real": pct(rs), "training": pct(train["sizes"])},
+        "centre_synthetic": [r(v) for v in syn_bin], "centre_real": [r(v) for v in real_bin],
+        "centre_training": [r(v) for v in train["profiles"][:, 0]],
+        "centre_ratio_raw": r(sc.mean() / ref), "centre_ratio_size_matched": r((real_w * syn_filled).sum() / ref),
+        "training_match_raw": r((syn_w * train["profiles"][:, 0]).sum() / ref),
+        "training_match_size_matched": r((real_w * train["profiles"][:, 0]).sum() / ref),
+        "n_real": int(len(rc)), "n_synthetic": int(len(sc)), "real_reference_centre": r(ref),
+        "check_real_reference": r(real["profiles"][0, 0]),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
     ap.add_argument("--output", type=Path, default=None, help="JSON file (default: <models_dir>/../diagnosis.json)")
     ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides (YAML values)")
     ap.add_argument("--forces", type=int, default=0, metavar="N", help="also the terms' pull on G_HP over N training batches")
+    ap.add_argument("--composition", action="store_true", help="also the centre ratio split into generator and size composition")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.override:
@@ -148,12 +222,20 @@ def main(argv: list[str] | None = None) -> int:
     out = diagnose(a.models_dir.resolve(), overrides)
     if a.forces > 0:
         out["forces"] = forces(a.models_dir.resolve(), a.forces, overrides)
+    if a.composition:
+        out["composition"] = composition(a.models_dir.resolve(), overrides)
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
         print(f"{key:20s} n={out[key]['n_lesions']:3d} profile {out[key]['profile']}")
     for name, f in out.get("forces", {}).items():
         print(f"{name:12s} pull along PM_lesion {f['projection']:+10.3f}  gradient norm {f['norm']:9.3f}")
+    if "composition" in out:
+        c = out["composition"]
+        print(f"size bins (training quantiles) {c['edges']}: painted {c['count_synthetic']}, real {c['count_real']}")
+        print(f"centre per bin: painted {c['centre_synthetic']}, real {c['centre_real']}, training {c['centre_training']}")
+        print(f"centre ratio {c['centre_ratio_raw']} (size-matched {c['centre_ratio_size_matched']}); a generator "
+              f"painting like the training lesions: {c['training_match_raw']} (size-matched {c['training_match_size_matched']})")
     print(f"written: {dest}")
     return 0
 
