@@ -28,7 +28,8 @@ gradient norm, in ``forces``).
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
 (every CMB of the validation scans) are split into the training split's quantile size bins
-(:func:`cmb_synthesis.synthesis.realism.size_binned_profiles`, ``profile_size_bins`` bins, at least 2); per bin the
+(:func:`cmb_synthesis.synthesis.realism.size_binned_profiles`, ``--size_bins`` bins; default the run's
+``profile_size_bins``, at least 2); per bin the
 mean centre intensity of each set and of the training lesions; the centre ratio as the evaluator computes it
 (``raw``), with the painted bins re-weighted to the real lesions' size composition (``size_matched``), and the two
 that a generator painting every size exactly like the training lesions would score (``training_match_raw``,
@@ -141,7 +142,7 @@ def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, refe
     return {name: {"projection": round(v[0] / n, 4), "norm": round(v[1] / n, 4)} for name, v in sums.items()}
 
 
-def composition(models_dir: Path, overrides: dict | None = None) -> dict:
+def composition(models_dir: Path, overrides: dict | None = None, size_bins: int | None = None) -> dict:
     """The centre ratio split into generator and size-composition parts (see the module docstring)."""
     from cmb_synthesis.synthesis.realism import lesion_measurements, size_binned_profiles
 
@@ -154,7 +155,7 @@ def composition(models_dir: Path, overrides: dict | None = None) -> dict:
     G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
     G_HP.eval()
     datalist = parser.get_parsed_content("datalist")
-    n_bins = max(2, int(parser.get_parsed_content("profile_size_bins")))
+    n_bins = max(2, int(size_bins or parser.get_parsed_content("profile_size_bins")))
     train = size_binned_profiles(datalist, "training", n_bins)
     real = size_binned_profiles(datalist, "validation", 1)
     # the real lesions' own profiles, bin by bin (size_binned_profiles with one bin keeps every size)
@@ -212,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides (YAML values)")
     ap.add_argument("--forces", type=int, default=0, metavar="N", help="also the terms' pull on G_HP over N training batches")
     ap.add_argument("--composition", action="store_true", help="also the centre ratio split into generator and size composition")
+    ap.add_argument("--size_bins", type=int, default=None, help="size bins of --composition (default: the run's profile_size_bins, >= 2)")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.override:
@@ -223,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.forces > 0:
         out["forces"] = forces(a.models_dir.resolve(), a.forces, overrides)
     if a.composition:
-        out["composition"] = composition(a.models_dir.resolve(), overrides)
+        out["composition"] = composition(a.models_dir.resolve(), overrides, a.size_bins)
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
