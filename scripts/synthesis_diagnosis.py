@@ -56,12 +56,18 @@ from cmb_synthesis.synthesis.realism import batch_measurements  # noqa: E402
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
+def _run_config(models_dir: Path, overrides: dict | None = None) -> ConfigParser:
+    """``configs/train.yaml`` as the run in ``models_dir`` was trained (``overrides``: the run's own values)."""
     parser = ConfigParser()
     parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
     parser["ckpt_dir"] = str(models_dir)
     for k, v in (overrides or {}).items():
         parser[k] = v
+    return parser
+
+
+def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
+    parser = _run_config(models_dir, overrides)
     G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
     missing = [n for n in ("G_HP.pt", "G_PH.pt") if not (models_dir / n).is_file()]
     if missing:
@@ -96,11 +102,7 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
 def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, reference: str = "PM_lesion") -> dict:
     """Each weighted generator term's gradient on G_HP's parameters projected on the ``reference`` term's
     direction, averaged over ``n_batches`` training batches: ``{term: {"projection": .., "norm": ..}}``."""
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
-    parser["ckpt_dir"] = str(models_dir)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
+    parser = _run_config(models_dir, overrides)
     objective = parser.get_parsed_content("train#trainer").generator_objective
     for name in ("G_HP", "G_PH", "D_P", "D_H", "D_P_lesion", "D_H_lesion"):
         if (models_dir / f"{name}.pt").is_file() and parser.get(name) is not None:
@@ -144,32 +146,18 @@ def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, refe
 
 def composition(models_dir: Path, overrides: dict | None = None, size_bins: int | None = None) -> dict:
     """The centre ratio split into generator and size-composition parts (see the module docstring)."""
-    from cmb_synthesis.synthesis.realism import lesion_measurements, size_binned_profiles
+    from cmb_synthesis.synthesis.realism import lesion_measurements, size_binned_profiles, split_lesions
 
-    parser = ConfigParser()
-    parser.read_config(str(ROOT / "bundles/cmb_synthesis/configs/train.yaml"))
-    parser["ckpt_dir"] = str(models_dir)
-    for k, v in (overrides or {}).items():
-        parser[k] = v
+    parser = _run_config(models_dir, overrides)
     G_HP = parser.get_parsed_content("G_HP")
     G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
     G_HP.eval()
     datalist = parser.get_parsed_content("datalist")
     n_bins = max(2, int(size_bins or parser.get_parsed_content("profile_size_bins")))
     train = size_binned_profiles(datalist, "training", n_bins)
-    real = size_binned_profiles(datalist, "validation", 1)
-    # the real lesions' own profiles, bin by bin (size_binned_profiles with one bin keeps every size)
-    real_centres, real_sizes = [], []
-    from cmb_synthesis.data.datalist import load_split, split_groups
-    from transforms.pipelines import preprocessing
-
-    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
-    for item in split_groups(load_split(datalist, "validation"))[1]:
-        if item.get("label") and item.get("brainmask"):
-            d = pre({k: item[k] for k in ("image", "brainmask", "label")})
-            prof, _, sizes = lesion_measurements(d["image"], d["label"], d["brainmask"], return_sizes=True)
-            real_centres.append(prof[:, 0])
-            real_sizes.append(sizes)
+    # the evaluator's real reference (RealismMetric: every CMB of the validation scans), with sizes
+    real_profiles, _, rs = split_lesions(datalist, "validation")
+    rc = real_profiles[:, 0]
     syn_centres, syn_sizes = [], []
     with torch.no_grad():
         for it in parser.get_parsed_content("validate#items"):
@@ -177,7 +165,6 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
             prof, _, sizes = lesion_measurements(G_HP(x_h, y_hp)[0], y_hp[0], b_h[0], return_sizes=True)
             syn_centres.append(prof[:, 0])
             syn_sizes.append(sizes)
-    rc, rs = np.concatenate(real_centres), np.concatenate(real_sizes)
     sc, ss = np.concatenate(syn_centres), np.concatenate(syn_sizes)
     if not len(rc) or not len(sc):
         raise ValueError(f"{models_dir}: no measurable real or painted validation lesion")
@@ -202,7 +189,6 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
         "training_match_raw": r((syn_w * train["profiles"][:, 0]).sum() / ref),
         "training_match_size_matched": r((real_w * train["profiles"][:, 0]).sum() / ref),
         "n_real": int(len(rc)), "n_synthetic": int(len(sc)), "real_reference_centre": r(ref),
-        "check_real_reference": r(real["profiles"][0, 0]),
     }
 
 

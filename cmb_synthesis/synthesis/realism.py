@@ -34,6 +34,7 @@ __all__ = [
     "REALISM_METRICS",
     "lesion_measurements",
     "batch_measurements",
+    "split_lesions",
     "reference_lesions",
     "size_binned_profiles",
     "profile_summary",
@@ -193,23 +194,36 @@ def batch_measurements(images: Any, masks: Any, brainmasks: Any | None = None) -
     return np.concatenate(profs), np.concatenate(pats)
 
 
-def reference_lesions(datalist: PathLike, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
-    """Measurements of every real lesion of the pathological scans of ``split``, on whole volumes preprocessed
-    as in training (each lesion counted once; the fixed reference of :class:`RealismMetric`).
+def split_lesions(
+    datalist: PathLike, split: str = "validation", max_radius: int = 4, ring: tuple[float, float] = (5.0, 7.0)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`lesion_measurements` (with sizes) of every real lesion of the pathological scans of ``split``, on
+    whole volumes preprocessed as in training (each lesion counted once).
 
-    Returns ``(profiles (L, 5), patches (L, 343))``; empty arrays when the split has no lesion.
+    Returns ``(profiles (L, max_radius + 1), patches (L, 343), sizes (L,))``; empty arrays when the split has no
+    lesion.
     """
     _, patho = split_groups(load_split(datalist, split))
     pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
-    profs, pats = [np.zeros((0, len(PROFILE_RADII)))], [np.zeros((0, 343), np.float32)]
+    profs, pats, sizes = [np.zeros((0, int(max_radius) + 1))], [np.zeros((0, 343), np.float32)], [np.zeros(0, np.int64)]
     for item in patho:
         if not item.get("label") or not item.get("brainmask"):
             continue
         d = pre({k: item[k] for k in ("image", "brainmask", "label")})
-        p, q = lesion_measurements(d["image"], d["label"], d["brainmask"])
+        p, q, s = lesion_measurements(d["image"], d["label"], d["brainmask"], max_radius, ring, return_sizes=True)
         profs.append(p)
         pats.append(q)
-    return np.concatenate(profs), np.concatenate(pats)
+        sizes.append(s)
+    return np.concatenate(profs), np.concatenate(pats), np.concatenate(sizes)
+
+
+def reference_lesions(datalist: PathLike, split: str = "validation") -> tuple[np.ndarray, np.ndarray]:
+    """The fixed reference of :class:`RealismMetric`: :func:`split_lesions` of ``split`` without the sizes.
+
+    Returns ``(profiles (L, 5), patches (L, 343))``; empty arrays when the split has no lesion.
+    """
+    profiles, patches, _ = split_lesions(datalist, split)
+    return profiles, patches
 
 
 def size_binned_profiles(
@@ -218,7 +232,7 @@ def size_binned_profiles(
     """Mean radial profile of the real lesions of ``split`` per lesion-size bin (the target of
     :class:`cmb_synthesis.synthesis.losses.LesionProfileLoss` with a reference).
 
-    Every real lesion of the pathological scans of ``split`` is measured as :func:`reference_lesions` does (whole
+    Every real lesion of the pathological scans of ``split`` is measured by :func:`split_lesions` (whole
     preprocessed volumes). The size bins are ``n_bins`` quantile bins of the lesion sizes (voxels of the
     26-connected component), so they follow the data's resolution and lesion sizes; equal edges are merged.
 
@@ -232,17 +246,7 @@ def size_binned_profiles(
     """
     if int(n_bins) < 1:
         raise ValueError(f"size_binned_profiles needs n_bins >= 1, got {n_bins}")
-    _, patho = split_groups(load_split(datalist, split))
-    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
-    profs, sizes = [np.zeros((0, int(max_radius) + 1))], [np.zeros(0, np.int64)]
-    for item in patho:
-        if not item.get("label") or not item.get("brainmask"):
-            continue
-        d = pre({k: item[k] for k in ("image", "brainmask", "label")})
-        p, _, s = lesion_measurements(d["image"], d["label"], d["brainmask"], max_radius, ring, return_sizes=True)
-        profs.append(p)
-        sizes.append(s)
-    profiles, sizes_all = np.concatenate(profs), np.concatenate(sizes)
+    profiles, _, sizes_all = split_lesions(datalist, split, max_radius, ring)
     if not len(profiles):
         raise ValueError(f"{datalist}: no measurable real lesion in split {split!r} (a profile reference needs one)")
     q = np.quantile(sizes_all, np.linspace(0, 1, int(n_bins) + 1)[1:-1]) if int(n_bins) > 1 else np.zeros(0)
