@@ -171,8 +171,10 @@ def test_two_iterations_with_lesion_focused_critics():
 def _lesion_config(**overrides):
     p = ConfigParser()
     p.read_config(str(CONFIGS / "train.yaml"))
-    # profile_size_bins 0: no reference to measure, so no cohort is needed (test_profile_size_reference_from_config)
-    base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, profile_size_bins=0)
+    # profile_size_bins 0 and no contrast codes: no reference to measure, so no cohort is needed
+    # (test_profile_size_reference_from_config)
+    base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, profile_size_bins=0,
+                contrast_code=False)
     for k, v in {**base, **overrides}.items():
         p[k] = v
     p["train#trainer#train_data_loader"] = "$[None]"  # no cohort needed
@@ -200,6 +202,7 @@ def test_lesion_critic_is_one_config_value():
     paper = ConfigParser()
     paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
     assert float(paper.get_parsed_content("lambda_gan_lesion")) == 0.0
+    assert paper.get_parsed_content("contrast_code_flag") is False  # the paper's binary masks
 
 
 @pytest.mark.parametrize(
@@ -232,7 +235,7 @@ def test_profile_size_reference_from_config(tiny_cohort):
     from cmb_synthesis.synthesis.losses import LesionProfileLoss
     from cmb_synthesis.synthesis.realism import size_binned_profiles
 
-    on = _lesion_config(profile_size_bins=2, datalist=tiny_cohort)
+    on = _lesion_config(profile_size_bins=2, datalist=tiny_cohort, contrast_code=True)
     (term,) = [t for t in on.get_parsed_content("train#trainer").generator_objective.terms if isinstance(t, LesionProfileLoss)]
     ref = size_binned_profiles(tiny_cohort, "training", 2)
     assert term.reference.shape == (2, 5) and ref["counts"].sum() == len(ref["sizes"]) > 0
@@ -240,9 +243,18 @@ def test_profile_size_reference_from_config(tiny_cohort):
     np.testing.assert_allclose(term.edges.numpy(), ref["edges"])
     # the bins split the training lesions at their median size; the small ones are lighter at the centre
     assert ref["counts"].min() >= len(ref["sizes"]) // 2 - 1 and ref["profiles"][0, 0] > ref["profiles"][-1, 0]
+    # contrast codes (the CPU preset): the same reference's rank profiles; G_HP (not G_PH) reads the codes, the
+    # trainer and the evaluator make them, the profile term targets each lesion's rank
+    tr = on.get_parsed_content("train#trainer")
+    code = tr.lesion_code
+    assert code is not None and term.code is code and on.get_parsed_content("validate#evaluator").lesion_code is code
+    np.testing.assert_allclose(code.quantiles.numpy(), ref["quantiles"], rtol=1e-6)
+    assert on.get_parsed_content("G_HP").mask_code and not on.get_parsed_content("G_PH").mask_code
+    assert ref["quantiles"].shape == (2, 11, 5) and (np.diff(ref["quantiles"][:, :, 0], axis=1) <= 1e-12).all()
+    assert str(_lesion_config().get_parsed_content("contrast_code")).lower() == "false"  # the helper's override
     (batch,) = [t for t in _lesion_config(datalist=tiny_cohort).get_parsed_content("train#trainer").generator_objective.terms
                 if isinstance(t, LesionProfileLoss)]
-    assert batch.reference is None
+    assert batch.reference is None and batch.code is None
     with pytest.raises(ValueError, match="n_bins"):
         size_binned_profiles(tiny_cohort, "training", 0)
 

@@ -24,6 +24,7 @@ worker, itself drawn from the main process's torch generator: reproducible with 
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ from cmb_synthesis.data.datalist import load_groups, load_split, split_groups
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
 from transforms.pipelines import preprocessing
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
     "lesion_bank",
     "healthy_patch_transforms",
@@ -49,16 +52,19 @@ __all__ = [
 ]
 
 
-def lesion_bank(datalist: str | Path, split: str = "training", **kwargs: Any) -> LesionBank:
+def lesion_bank(datalist: str | Path, split: str = "training", fallback: LesionBank | None = None, **kwargs: Any) -> LesionBank:
     """The :class:`~transforms.lesion_mask.LesionBank` of the pathological items of ``split`` (``kwargs``:
-    ``bins``, ``sigma``, ``floor``).
+    ``bins``, ``sigma``, ``floor``); ``fallback`` (e.g. the training bank) when ``split`` has no lesion map.
 
     Raises:
         FileNotFoundError: the datalist or a file it names is missing. ValueError: no pathological item with a
-        ``label``.
+        ``label`` (and no ``fallback``).
     """
     _, patho = split_groups(load_split(datalist, split))
     patho = [i for i in patho if i.get("label")]
+    if not patho and fallback is not None:
+        logger.warning("%s: split %r has no pathological items with a 'label' map; using the given fallback bank", datalist, split)
+        return fallback
     if not patho:
         raise ValueError(f"{datalist}: split {split!r} has no pathological items with a 'label' map")
     return LesionBank.from_items(patho, **kwargs)

@@ -113,6 +113,10 @@ class CycleGANTrainer(Trainer):
             fresh interpolation ``eps`` each step.
         amp: autocast in ``amp_dtype`` (bf16 by default, no grad scaler needed); the gradient penalty stays fp32.
         train_handlers: Ignite/MONAI handlers to attach (checkpoints, stats, validation, NaN guard, ...).
+        lesion_code: a :class:`~cmb_synthesis.synthesis.codes.ContrastCode` (ours; None: binary masks): every
+            iteration turns ``y_hp`` into a code map with a random darkness rank per lesion and ``y_p`` into the
+            measured ranks of its real lesions; every network and loss then gets the code maps (all but a
+            ``mask_code`` ``G_HP`` read them as ``mask > 0``).
 
     ``engine.state.output`` after each iteration (:func:`loss_output`): a dict of python floats, ``G`` the
     total generator loss and every generator term's unweighted value under its name (the default terms
@@ -151,6 +155,7 @@ class CycleGANTrainer(Trainer):
         amp_dtype: torch.dtype | str = torch.bfloat16,
         optim_set_to_none: bool = True,
         to_kwargs: dict | None = None,
+        lesion_code: Any = None,
     ) -> None:
         if n_critic < 1:
             raise ValueError(f"n_critic must be >= 1, got {n_critic}")
@@ -179,6 +184,7 @@ class CycleGANTrainer(Trainer):
         }
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.optim_set_to_none = optim_set_to_none
+        self.lesion_code = lesion_code
 
     def run(self) -> None:  # type: ignore[override]
         """Run training (resumes from ``self.state`` when a checkpoint was loaded). No grad scaler: amp is bf16."""
@@ -203,6 +209,9 @@ class CycleGANTrainer(Trainer):
         x_h, y_hp, x_p, y_p = b["x_h"], b["y_hp"], b["x_p"], b["y_p"]
         x_p2, y_p2 = (b["x_p2"], b.get("y_p2")) if "x_p2" in b else (x_p, y_p)
         bm_h, bm_p = b.get("brainmask_h"), b.get("brainmask_p")
+        if self.lesion_code is not None:
+            # contrast codes (codes.py): a random darkness rank per lesion to paint, the measured one of real lesions
+            y_hp, y_p = self.lesion_code.random(y_hp), self.lesion_code.measure(x_p, y_p, bm_p)
         lesion_critics = tuple(getattr(o, "module", o).critic for o in self.lesion_objectives.values())
         nets_g, nets_d = (self.G_HP, self.G_PH), (self.D_P, self.D_H, *lesion_critics)
 
@@ -252,7 +261,9 @@ class SynthesisEvaluator(Evaluator):
     Batches carry ``x_h``, ``y_hp``, ``brainmask_h``, ``x_p``, ``y_p``, ``brainmask_p`` (no ``x_p2``). With
     ``realism`` the output also holds ``realism``: per-lesion radial profiles and patches of the painted and
     the real lesions (:func:`~cmb_synthesis.synthesis.realism.batch_measurements`) for
-    :class:`~cmb_synthesis.synthesis.realism.RealismMetric`.
+    :class:`~cmb_synthesis.synthesis.realism.RealismMetric`. With ``lesion_code`` (a
+    :class:`~cmb_synthesis.synthesis.codes.ContrastCode`) ``G_HP`` paints each sampled lesion at a random darkness
+    rank, the same at every round (seeded by ``code_seed`` and the batch's index).
     """
 
     def __init__(
@@ -273,6 +284,8 @@ class SynthesisEvaluator(Evaluator):
         shell: int = 2,
         margin: int = 2,
         realism: bool = True,
+        lesion_code: Any = None,
+        code_seed: int = 0,
     ) -> None:
         kwargs = {} if metric_cmp_fn is None else {"metric_cmp_fn": metric_cmp_fn}
         super().__init__(
@@ -292,6 +305,7 @@ class SynthesisEvaluator(Evaluator):
         self.G_HP, self.G_PH = G_HP, G_PH
         self.amp_dtype = getattr(torch, amp_dtype) if isinstance(amp_dtype, str) else amp_dtype
         self.shell, self.margin, self.realism = shell, margin, bool(realism)
+        self.lesion_code, self.code_seed = lesion_code, int(code_seed)
 
     def _iteration(self, engine: Engine, batchdata: dict[str, torch.Tensor]) -> dict[str, float]:
         b = engine.prepare_batch(batchdata, engine.state.device, engine.non_blocking, **engine.to_kwargs)
@@ -300,6 +314,10 @@ class SynthesisEvaluator(Evaluator):
             if self.amp
             else contextlib.nullcontext()
         )
+        if self.lesion_code is not None:
+            # the same ranks at every round: a generator seeded by the batch's index in the (fixed) validation set
+            gen = torch.Generator().manual_seed(self.code_seed * 1_000_003 + engine.state.iteration)
+            b = dict(b, y_hp=self.lesion_code.random(b["y_hp"].cpu(), gen).to(b["y_hp"].device))
         with eval_mode(self.G_HP, self.G_PH), ctx:
             fake_p = self.G_HP(b["x_h"], b["y_hp"]).float()
             fake_h = self.G_PH(b["x_p"], b["y_p"]).float()

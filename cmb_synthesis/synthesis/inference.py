@@ -49,6 +49,7 @@ from cmb_synthesis.data.datalist import SPLITS, load_split
 from cmb_synthesis.data.io import PathLike
 from cmb_synthesis.data.naming import find_beside, find_inputs, unique_scan_ids
 from cmb_synthesis.data.scans import CanonicalImage, as_meta_tensor, load_lesion_labels, to_canonical, write_like
+from cmb_synthesis.synthesis.codes import random_codes
 from cmb_synthesis.training.weights import load_network_weights
 from transforms.intensity import invert_percentile_scale
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
@@ -77,6 +78,8 @@ def synthesize_volume(
     sigma_scale: Sequence[float] = (1.0, 1.0, 0.125),
     device: torch.device | str | None = None,
     amp: bool = False,
+    code_seed: int = 0,
+    code: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Run generator ``G`` over a whole volume patch-wise.
 
@@ -88,6 +91,9 @@ def synthesize_volume(
         mode, sigma_scale: blending of overlapping windows (``"gaussian"``: weights peak at the window centre
             along z; sigma 1.0 x the window along x/y makes the in-plane weight nearly flat).
         device: where the windows run (default: the generator's device); the stitched output stays on CPU.
+        code_seed, code: a contrast-code generator (``G.mask_code``, :mod:`cmb_synthesis.synthesis.codes`)
+            paints each lesion (instance label of ``mask``) at a darkness rank drawn from U(0, 1) with
+            ``code_seed``, or as the code map ``code`` (1, X, Y, Z) says. Other generators ignore both.
 
     Returns:
         (1, X, Y, Z) float32 tensor in [0, 1] on CPU.
@@ -107,7 +113,16 @@ def synthesize_volume(
         device="cpu",
         progress=False,
     )
-    x = torch.cat([image.float(), (mask > 0).float()], dim=0)[None]
+    channel = (mask > 0).float()
+    if getattr(getattr(G, "module", G), "mask_code", False):
+        if code is not None:
+            if code.shape != mask.shape:
+                raise ValueError(f"code map {tuple(code.shape)} and mask {tuple(mask.shape)} differ in shape")
+            channel = code.float()
+        else:
+            ids = torch.where(mask > 0, mask.round().clamp_min(1), 0).long() if mask.is_floating_point() else mask
+            channel = random_codes(ids[None], torch.Generator().manual_seed(int(code_seed)))[0]
+    x = torch.cat([image.float(), channel], dim=0)[None]
     dev_type = torch.device(device).type
     with eval_mode(G), torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
         out = inferer(x, lambda t: G(t).float())
@@ -300,7 +315,8 @@ def _synthesise(
     scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed, estimate_brainmask)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
     can: CanonicalImage = scan["canonical"]
-    out = synthesize_volume(G, x, y, patch=patch, overlap=overlap, device=device, amp=amp)
+    out = synthesize_volume(G, x, y, patch=patch, overlap=overlap, device=device, amp=amp,
+                            code_seed=_scan_seed(seed + 1, job.id))
     delta = np.asarray(invert_percentile_scale(out[0].numpy(), lo, hi)) - np.asarray(
         invert_percentile_scale(x[0].numpy(), lo, hi)
     )

@@ -546,11 +546,19 @@ class LesionProfileLoss(GeneratorLoss):
     population mean, not the batch's few real lesions (less noise; deterministic, so a resumed run is
     unchanged). The H side is unchanged.
 
+    **Per-lesion target at a contrast rank** (``code``, ours; :mod:`cmb_synthesis.synthesis.codes`): with contrast
+    codes ``G_HP`` is told how dark each lesion should be (a darkness rank ``q`` among the real lesions of its
+    size); the P side becomes ``mean_i sum_d |p_d(fake_i) - ref_d(bin_i, q_i)|`` over the painted lesions, with
+    ``ref(bin, q)`` the real profile of that size bin at rank ``q`` (:meth:`ContrastCode.target`). Painting every
+    rank equally often, the painted lesions then have the real lesions' spread of contrast, not only their mean.
+
     Args:
         weight: ``lambda_profile_lesion``.
         max_radius, ring: as :func:`radial_profiles` (the evaluator's realism profile: 4 and (5, 7) voxels).
         reference: None (batch target) or a mapping with ``edges`` (n - 1,) inner size-bin edges (voxels) and
             ``profiles`` (n, max_radius + 1) real mean profiles per bin.
+        code: a :class:`~cmb_synthesis.synthesis.codes.ContrastCode` (the per-lesion target at each lesion's rank,
+            read from the code map ``y_hp``; replaces ``reference``), or None.
     """
 
     def __init__(
@@ -559,6 +567,7 @@ class LesionProfileLoss(GeneratorLoss):
         max_radius: int = 4,
         ring: Sequence[float] = (5.0, 7.0),
         reference: Mapping[str, Any] | None = None,
+        code: Any = None,
         name: str = "PM_lesion",
     ) -> None:
         super().__init__(weight, name)
@@ -577,6 +586,10 @@ class LesionProfileLoss(GeneratorLoss):
             if len(edges) > 1 and not bool((edges[1:] > edges[:-1]).all()):
                 raise ValueError(f"LesionProfileLoss reference: edges must increase, got {edges.tolist()}")
             self.edges, self.reference = edges, ref
+        self.code = code
+        if code is not None and (code.max_radius != self.max_radius or tuple(code.ring) != self.ring):
+            raise ValueError(f"LesionProfileLoss: the contrast code measures with max_radius {code.max_radius}, ring "
+                             f"{code.ring}, the loss with {self.max_radius}, {self.ring}")
 
     def _side(self, fake, fake_mask, fake_bm, real, real_mask, real_bm) -> torch.Tensor:
         p_fake, _ = radial_profiles(fake, fake_mask, fake_bm, self.max_radius, self.ring)
@@ -598,9 +611,22 @@ class LesionProfileLoss(GeneratorLoss):
             total = total + sel.float().mean() * (p_fake[sel].mean(0) - ref[b]).abs().sum()
         return total
 
+    def _code_side(self, fake, fake_mask, fake_bm) -> torch.Tensor:
+        from cmb_synthesis.synthesis.codes import rank_at
+
+        p_fake, index, sizes = radial_profiles(fake, fake_mask, fake_bm, self.max_radius, self.ring, return_sizes=True)
+        if not len(p_fake):
+            return fake.sum() * 0.0
+        centres = dict(centred_lesions(fake_mask, (2 * self.max_radius + 3,) * 3))
+        q = torch.stack([rank_at(fake_mask[int(b), 0], centres[int(b)]) for b in index])
+        target = self.code.target(q, sizes).to(device=fake.device, dtype=p_fake.dtype)
+        return (p_fake - target).abs().sum(1).mean()
+
     def forward(self, cycle: Mapping[str, Any]) -> torch.Tensor:
         bm_h, bm_p = cycle.get("brainmask_h"), cycle.get("brainmask_p")
-        if self.reference is None:
+        if self.code is not None:
+            p_side = self._code_side(cycle["fake_p"], cycle["y_hp"], bm_h)
+        elif self.reference is None:
             p_side = self._side(cycle["fake_p"], cycle["y_hp"], bm_h, cycle["x_p"], cycle["y_p"], bm_p)
         else:
             p_side = self._reference_side(cycle["fake_p"], cycle["y_hp"], bm_h)
@@ -608,6 +634,7 @@ class LesionProfileLoss(GeneratorLoss):
 
     def extra_repr(self) -> str:
         bins = "batch" if self.reference is None else f"{len(self.reference)} size bins, edges {self.edges.tolist()}"
+        bins = bins if self.code is None else f"per lesion at its contrast rank, {self.code!r}"
         return f"{super().extra_repr()}, max_radius={self.max_radius}, ring={self.ring}, target={bins}"
 
 

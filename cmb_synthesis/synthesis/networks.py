@@ -81,10 +81,14 @@ class CMBGenerator(nn.Module):
             direct path from "where" to "how much"; ours, not in Xia et al.).
         mask_blur: sigmas (voxels) of Gaussian-blurred masks given to the head the same way (ours; empty: none):
             a dark centre and a blooming rim beyond the label are then linear in the head's weights.
+        mask_code: the mask channel carries contrast codes (ours, :mod:`cmb_synthesis.synthesis.codes`): a
+            floating-point mask is used as given, ``0.5 + q`` on lesion voxels (``q`` in [0, 1] the darkness rank
+            to paint, 1.0 = the median, so a 0/1 float mask asks for the median) and 0 elsewhere; integer and bool
+            masks (instance labels) are binarised as without codes. False: every mask is binarised.
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
-        binary {0, 1} (any non-zero is treated as lesion); or ``image`` alone with both channels stacked
+        binary {0, 1} (any non-zero is treated as lesion; with ``mask_code`` a float code map); or ``image`` alone with both channels stacked
         (B, 2, X, Y, Z), the form sliding-window inferers call. Returns (B, 1, X, Y, Z) in [0, 1].
     """
 
@@ -100,8 +104,10 @@ class CMBGenerator(nn.Module):
         mask_to_head: bool = True,
         head_gain: float = 4.0,
         mask_blur: Sequence[float] = (),
+        mask_code: bool = False,
     ) -> None:
         super().__init__()
+        self.mask_code = bool(mask_code)
         if output not in ("residual", "sigmoid"):
             raise ValueError(f"output must be 'residual' or 'sigmoid', got {output!r}")
         if channels < 1 or n_res_blocks < 0:
@@ -144,6 +150,11 @@ class CMBGenerator(nn.Module):
                 raise ValueError(f"expected {self.in_channels} stacked channels, got input of shape {tuple(image.shape)}")
             x = image
             image = x[:, :1]
+            if self.mask_code:
+                self._check_codes(x[:, 1:])
+        elif self.mask_code and mask.is_floating_point():
+            self._check_codes(mask)
+            x = torch.cat([image, mask.to(image.dtype)], dim=1)
         else:
             x = torch.cat([image, (mask > 0).to(image.dtype)], dim=1)
         if x.ndim != 5:
@@ -169,6 +180,17 @@ class CMBGenerator(nn.Module):
             return out + (out.clamp(0.0, 1.0) - out).detach()
         return torch.sigmoid(h)
 
+
+    @staticmethod
+    def _check_codes(code: torch.Tensor) -> None:
+        """A code map holds 0 or values in [0.5, 1.5] (float instance labels 2, 3, ... would be read as codes)."""
+        bad = (code < 0) | (code > 1.5 + 1e-4) | ((code > 0) & (code < 0.5 - 1e-4))
+        if bool(bad.any()):
+            raise ValueError(
+                f"a contrast-code generator (mask_code) got mask values in [{float(code.min()):g}, {float(code.max()):g}]: "
+                "pass a binary or integer instance-label mask, or a code map with 0 outside lesions and 0.5 + rank "
+                "(rank in [0, 1]) on them (cmb_synthesis.synthesis.codes)"
+            )
 
     @staticmethod
     def _blurred(m: torch.Tensor, k: torch.Tensor) -> torch.Tensor:

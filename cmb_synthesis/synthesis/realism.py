@@ -27,6 +27,7 @@ from scipy import ndimage
 
 from cmb_synthesis.data.datalist import load_split, split_groups
 from cmb_synthesis.data.io import PathLike
+from cmb_synthesis.synthesis.codes import quantile_profiles
 from transforms.pipelines import preprocessing
 
 __all__ = [
@@ -227,7 +228,8 @@ def reference_lesions(datalist: PathLike, split: str = "validation") -> tuple[np
 
 
 def size_binned_profiles(
-    datalist: PathLike, split: str = "training", n_bins: int = 4, max_radius: int = 4, ring: tuple[float, float] = (5.0, 7.0)
+    datalist: PathLike, split: str = "training", n_bins: int = 4, max_radius: int = 4, ring: tuple[float, float] = (5.0, 7.0),
+    n_levels: int = 11,
 ) -> dict[str, np.ndarray]:
     """Mean radial profile of the real lesions of ``split`` per lesion-size bin (the target of
     :class:`cmb_synthesis.synthesis.losses.LesionProfileLoss` with a reference).
@@ -254,7 +256,10 @@ def size_binned_profiles(
     bins = np.searchsorted(edges, sizes_all, side="right")
     counts = np.bincount(bins, minlength=len(edges) + 1)
     means = np.stack([profiles[bins == b].mean(0) if counts[b] else profiles.mean(0) for b in range(len(edges) + 1)])
-    return {"edges": edges.astype(np.float64), "profiles": means, "counts": counts.astype(np.int64), "sizes": sizes_all}
+    quantiles = np.stack([quantile_profiles(profiles[bins == b] if counts[b] else profiles, n_levels)
+                          for b in range(len(edges) + 1)])
+    return {"edges": edges.astype(np.float64), "profiles": means, "quantiles": quantiles,
+            "counts": counts.astype(np.int64), "sizes": sizes_all}
 
 
 class RealismMetric(Metric):
