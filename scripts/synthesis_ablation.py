@@ -13,13 +13,22 @@ after the first quarter of training).
 same number of iterations for every setup): an unfinished run's history is copied to
 ``RUNS/<setup>/seed<S>/metrics_partial.json`` (never counted as a result by the default mode) and the table goes to
 ``RUNS/summary_epoch<E>.{json,md}``.
+
+``--reevaluate`` scores every trained run again with today's evaluator (``validate#evaluator`` of
+``configs/train.yaml`` with ``configs/evaluate.yaml``, on the final checkpoint in ``seed<S>/models``) when its setup
+folder has an ``overrides.json`` (``{"args": ["--key", "value", ...]}``: what the setup changes relative to today's
+train.yaml, so that the networks are built as trained): ``RUNS/<setup>/seed<S>/eval.json`` (committed), then
+``RUNS/summary_eval.{json,md}``. It compares runs trained under an older evaluator like for like (the
+weights are not committed: only where the runs were trained).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -69,10 +78,14 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--runs", default="bundles/cmb_synthesis/ablation")
     ap.add_argument("--at_epoch", type=int, default=None, help="compare all runs (finished or not) at this validation epoch")
+    ap.add_argument("--reevaluate", action="store_true", help="score the trained runs again with today's evaluator")
+    ap.add_argument("--setups", nargs="*", default=None, help="with --reevaluate: only these setups")
     args = ap.parse_args(argv)
     root = Path(args.runs)
     if args.at_epoch is not None:
         return _at_epoch(root, args.at_epoch)
+    if args.reevaluate:
+        return _reevaluate(root, args.setups)
     setups: dict[str, dict[str, dict]] = {}
     for mj in sorted(root.glob("*/seed*/models/metrics.json")):
         m = json.loads(mj.read_text())
@@ -129,6 +142,38 @@ def _at_epoch(root: Path, epoch: int) -> int:
         return 1
     write_json({"targets": TARGETS, "epoch": epoch, "setups": setups}, root / f"summary_epoch{epoch}.json")
     _write_table(setups, root / f"summary_epoch{epoch}.md", header=f"Every run at its validation round of epoch {epoch}:")
+    return 0
+
+
+def _reevaluate(root: Path, only: list[str] | None = None) -> int:
+    """Today's evaluator on every run with models and an ``overrides.json`` (see the module docstring)."""
+    repo = Path(__file__).resolve().parents[1]
+    configs = repo / "bundles" / "cmb_synthesis" / "configs"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
+    setups: dict[str, dict[str, dict]] = {}
+    for ov in sorted(root.glob("*/overrides.json")):
+        setup = ov.parent
+        if only and setup.name not in only:
+            continue
+        extra = [str(a) for a in json.loads(ov.read_text()).get("args", [])]
+        for run in sorted(p for p in setup.glob("seed*") if (p / "models").is_dir()):
+            out = run / "eval.json"
+            cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
+                   str([str(configs / "train.yaml"), str(configs / "evaluate.yaml")]),
+                   "--ckpt_dir", str(run / "models"), "--metrics_path", str(out), *extra]
+            print("+", " ".join(cmd[1:]), flush=True)
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{run}: evaluation failed:\n{done.stderr[-2000:]}", file=sys.stderr)
+                continue
+            setups.setdefault(setup.name, {})[run.name] = run_summary(out)
+    if not setups:
+        print(f"error: no {root}/<setup>/overrides.json with trained seed<S>/models", file=sys.stderr)
+        return 1
+    write_json({"targets": TARGETS, "evaluator": "today's train.yaml validate#evaluator", "setups": setups},
+               root / "summary_eval.json")
+    _write_table(setups, root / "summary_eval.md",
+                 header="Every run re-scored by today's evaluator (`scripts/synthesis_ablation.py --reevaluate`):")
     return 0
 
 

@@ -86,12 +86,14 @@ def main() -> None:
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / "train.yaml"), *args.config])
     gen = parser.get_parsed_content("G_def")  # builds a freshly initialised generator per call
+    # G_HP reads contrast codes when the preset has them (each lesion painted at a random darkness rank)
+    code = bool(parser.get_parsed_content("contrast_code_flag"))
     if args.ckpt:
-        G_HP = load_network_weights(gen(), args.ckpt, key="G_HP")
+        G_HP = load_network_weights(gen(mask_code=code), args.ckpt, key="G_HP")
         G_PH = load_network_weights(gen(), args.ckpt, key="G_PH")
     else:
         models = Path(args.models_dir or bundle / "models")
-        G_HP = load_network_weights(gen(), models / "G_HP.pt")
+        G_HP = load_network_weights(gen(mask_code=code), models / "G_HP.pt")
         G_PH = load_network_weights(gen(), models / "G_PH.pt")
     datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
     import json
@@ -107,7 +109,7 @@ def main() -> None:
 
     with torch.no_grad():
         h = load_scan(healthy, "pathological", bank, args.n_lesions, args.seed)
-        syn = synthesize_volume(G_HP, h["image"], h["label"])[0].numpy()
+        syn = synthesize_volume(G_HP, h["image"], h["label"], code_seed=args.seed)[0].numpy()
         p = load_scan(patho, "pseudo_healthy")
         ph = synthesize_volume(G_PH, p["image"], p["label"])[0].numpy()
 

@@ -213,3 +213,13 @@ def test_synthesize_volume_paints_seeded_ranks_per_lesion():
     assert dark[labels > 0].mean() < a[labels > 0].mean() < light[labels > 0].mean()
     with pytest.raises(ValueError, match="differ in shape"):
         synthesize_volume(G, x[0], labels, patch=S, code=labels[:, :4].float())
+
+
+def test_run_inference_refuses_a_bad_contrast_rank(tmp_path):
+    from cmb_synthesis.synthesis.inference import run_inference
+
+    G = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_code=True)
+    for bad in (1.5, -0.1, "dark"):
+        with pytest.raises(ValueError, match="contrast_rank must be a number in \\[0, 1\\]"):
+            run_inference(tmp_path, tmp_path / "out", G_HP=G, contrast_rank=bad)
+    assert not (tmp_path / "out").exists()

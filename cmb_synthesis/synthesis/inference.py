@@ -310,13 +310,15 @@ def load_scan(
 def _synthesise(
     job: BatchJob, tmp: dict[str, Path], G: nn.Module, direction: str, bank: Any, n_lesions: int | None, seed: int,
     patch: Sequence[int], overlap: float, device: Any, amp: bool, estimate_brainmask: bool = True,
+    contrast_rank: float | None = None,
 ) -> dict[str, Any]:
     """One scan of :func:`run_inference`: synthesise and write each output to its temporary path ``tmp[name]``."""
     scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed, estimate_brainmask)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
     can: CanonicalImage = scan["canonical"]
+    code = None if contrast_rank is None else random_codes(y[None], ranks=float(contrast_rank))[0]
     out = synthesize_volume(G, x, y, patch=patch, overlap=overlap, device=device, amp=amp,
-                            code_seed=_scan_seed(seed + 1, job.id))
+                            code_seed=_scan_seed(seed + 1, job.id), code=code)
     delta = np.asarray(invert_percentile_scale(out[0].numpy(), lo, hi)) - np.asarray(
         invert_percentile_scale(x[0].numpy(), lo, hi)
     )
@@ -362,6 +364,7 @@ def run_inference(
     amp: bool = False,
     raise_on_error: bool = True,
     estimate_brainmask: bool = True,
+    contrast_rank: float | None = None,
 ) -> dict[str, Any]:
     """Synthesise CMBs on every healthy scan (or remove them: ``direction="pseudo_healthy"``).
 
@@ -382,6 +385,10 @@ def run_inference(
         estimate_brainmask: scans without a brain mask file get one estimated by MNI152 template registration
             (:func:`cmb_synthesis.data.brainmask.estimate_brainmask`); False: they go without (and cannot have
             a lesion mask sampled).
+        contrast_rank: with a contrast-code ``G_HP`` (``contrast_code`` in train.yaml), paint every lesion at this
+            darkness rank in [0, 1] (0 the lightest real CMBs of its size, 0.5 the median, 1 the darkest); None:
+            a random rank per lesion (seeded per scan by ``(seed, id)``), so the painted CMBs have the real ones'
+            spread of contrast. Ignored by generators without codes and by ``pseudo_healthy``.
 
     Returns:
         the summary of :func:`cmb_synthesis.data.batch.run_batch` plus ``direction`` (also in
@@ -389,6 +396,8 @@ def run_inference(
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    if contrast_rank is not None and not (isinstance(contrast_rank, (int, float)) and 0.0 <= float(contrast_rank) <= 1.0):
+        raise ValueError(f"contrast_rank must be a number in [0, 1] (or null: a random rank per lesion), got {contrast_rank!r}")
     name = "G_HP" if direction == "pathological" else "G_PH"
     G = G_HP if direction == "pathological" else G_PH
     if G is None:
@@ -418,7 +427,7 @@ def run_inference(
 
     def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
         return _synthesise(job, tmp, G, direction, lesion_bank, n_lesions, seed, patch, overlap, device, amp,
-                           estimate_brainmask)
+                           estimate_brainmask, contrast_rank)
 
     return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(src.parent if src.is_file() else src,),
                      existing=_count_lesions, raise_on_error=raise_on_error, summary_extra={"direction": direction})
