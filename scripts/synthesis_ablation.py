@@ -19,7 +19,8 @@ same number of iterations for every setup): an unfinished run's history is copie
 folder has an ``overrides.json`` (``{"args": ["--key", "value", ...]}``: what the setup changes relative to today's
 train.yaml, so that the networks are built as trained): ``RUNS/<setup>/seed<S>/eval.json`` (committed), then
 ``RUNS/summary_eval.{json,md}``. It compares runs trained under an older evaluator like for like (the
-weights are not committed: only where the runs were trained).
+weights are not committed: only where the runs were trained). ``max_identity_after_q1`` there still comes from the
+training's own validation rounds (``seed<S>/metrics.json``).
 """
 
 from __future__ import annotations
@@ -166,7 +167,10 @@ def _reevaluate(root: Path, only: list[str] | None = None) -> int:
             if done.returncode != 0:
                 print(f"{run}: evaluation failed:\n{done.stderr[-2000:]}", file=sys.stderr)
                 continue
-            setups.setdefault(setup.name, {})[run.name] = run_summary(out)
+            summary = run_summary(out)
+            if (run / "metrics.json").is_file():  # the training's rounds (its own evaluator) for the identity check
+                summary["max_identity_after_q1"] = run_summary(run / "metrics.json")["max_identity_after_q1"]
+            setups.setdefault(setup.name, {})[run.name] = summary
     if not setups:
         print(f"error: no {root}/<setup>/overrides.json with trained seed<S>/models", file=sys.stderr)
         return 1

@@ -109,12 +109,18 @@ def test_rank_at_reads_the_lesion_nearest_the_centre():
 def test_generator_paints_darker_for_a_higher_code_and_refuses_label_values():
     torch.manual_seed(0)
     G = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_code=True, mask_blur=())
-    with torch.no_grad():  # the head's "mask" feature only: h = -0.02 * gain * code
+    # head inputs: 4 network channels, gain * mask, gain * mask * image, gain * (code - 1) on the lesion
+    assert G.head.in_channels == 4 + 3
+    with torch.no_grad():  # paint with the mask feature, and darker with the code feature
         G.head.weight.zero_()
-        G.head.weight[0, 4] = -0.02
+        G.head.weight[0, 4] = -0.03
+        G.head.weight[0, 6] = -0.04
     x, m = _lesion(1.0)
     out = {v: G(x, m.float() * v)[m > 0].mean() for v in (0.5, 1.0, 1.5)}
     assert out[1.5] < out[1.0] < out[0.5] < TISSUE
+    with torch.no_grad():  # an untrained code weight: every rank paints what a binary mask paints
+        G.head.weight[0, 6] = 0.0
+    torch.testing.assert_close(G(x, m.float() * 1.5), G(x, m))
     torch.testing.assert_close(G(x, m), G(x, m.float()))  # integer labels = binary = the median code 1.0
     torch.testing.assert_close(G(x, m * 3), G(x, m))  # instance labels are binarised
     with pytest.raises(ValueError, match="mask_code"):
@@ -122,8 +128,9 @@ def test_generator_paints_darker_for_a_higher_code_and_refuses_label_values():
     with pytest.raises(ValueError, match="mask_code"):
         G(x, m.float() * 0.3)
     plain = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=())
-    plain.load_state_dict(G.state_dict())
     torch.testing.assert_close(plain(x, m.float() * 1.5), plain(x, m))  # without codes every mask is binarised
+    odd = torch.rand(1, 1, 10, 11, 7)  # padded inside: the code map is padded with the image
+    assert G(odd, (odd > 0.9).float() * 1.5).shape == odd.shape
 
 
 def test_profile_loss_per_lesion_target_at_the_code_rank():
@@ -201,7 +208,8 @@ def test_synthesize_volume_paints_seeded_ranks_per_lesion():
     G = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_code=True, mask_blur=())
     with torch.no_grad():
         G.head.weight.zero_()
-        G.head.weight[0, 4] = -0.02
+        G.head.weight[0, 4] = -0.03
+        G.head.weight[0, 6] = -0.04
     x, m = _lesion(1.0)
     labels = m[0].clone()
     labels[0, :, :, 8:] *= 2  # two lesions (the sphere's halves)

@@ -82,9 +82,12 @@ class CMBGenerator(nn.Module):
         mask_blur: sigmas (voxels) of Gaussian-blurred masks given to the head the same way (ours; empty: none):
             a dark centre and a blooming rim beyond the label are then linear in the head's weights.
         mask_code: the mask channel carries contrast codes (ours, :mod:`cmb_synthesis.synthesis.codes`): a
-            floating-point mask is used as given, ``0.5 + q`` on lesion voxels (``q`` in [0, 1] the darkness rank
-            to paint, 1.0 = the median, so a 0/1 float mask asks for the median) and 0 elsewhere; integer and bool
-            masks (instance labels) are binarised as without codes. False: every mask is binarised.
+            floating-point mask holds ``0.5 + q`` on lesion voxels (``q`` in [0, 1] the darkness rank to paint,
+            1.0 = the median, so a 0/1 float mask asks for the median) and 0 elsewhere; integer and bool masks
+            (instance labels) are binarised, i.e. the median. The network itself sees the binary mask as without
+            codes, and the head also gets ``head_gain * (code - 1)`` on the lesion voxels (and its blurred copies):
+            the painted intensity moves linearly with the rank around what the median paints, and an untrained
+            code weight leaves the generator as it is without codes. False: every mask is binarised.
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
@@ -139,6 +142,10 @@ class CMBGenerator(nn.Module):
             k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sg) ** 2)
             self.register_buffer(f"_blur{i}", k / k.sum(), persistent=False)
         n_head = 2 * (in_channels - 1) * (1 + len(self.mask_blur)) if self.mask_to_head else 0
+        if self.mask_code:
+            if not self.mask_to_head:
+                raise ValueError("mask_code needs mask_to_head (the codes reach the generator through its head)")
+            n_head += (in_channels - 1) * (1 + len(self.mask_blur))
         self.head = nn.Conv3d(c1 + n_head, out_channels, 1)
         if output == "residual":
             nn.init.zeros_(self.head.weight)
@@ -150,20 +157,22 @@ class CMBGenerator(nn.Module):
                 raise ValueError(f"expected {self.in_channels} stacked channels, got input of shape {tuple(image.shape)}")
             x = image
             image = x[:, :1]
-            if self.mask_code:
-                self._check_codes(x[:, 1:])
-        elif self.mask_code and mask.is_floating_point():
-            self._check_codes(mask)
-            x = torch.cat([image, mask.to(image.dtype)], dim=1)
         else:
-            x = torch.cat([image, (mask > 0).to(image.dtype)], dim=1)
+            x = torch.cat([image, mask.to(image.dtype) if self.mask_code and mask.is_floating_point() else (mask > 0).to(image.dtype)], dim=1)
         if x.ndim != 5:
             raise ValueError(f"expected a (B, C, X, Y, Z) input, got shape {tuple(x.shape)}")
+        code = None
+        if self.mask_code:
+            self._check_codes(x[:, 1:])
+            binary = (x[:, 1:] > 0).to(x.dtype)
+            code = (x[:, 1:] - 1.0) * binary  # 0 = the median rank, -0.5 / +0.5 the lightest / darkest
+            x = torch.cat([x[:, :1], binary], dim=1)
         size = x.shape[2:]
         pad = [(-s) % 4 for s in size]
         if any(pad):
             # F.pad lists the last dimension first
             x = F.pad(x, [0, pad[2], 0, pad[1], 0, pad[0]], mode="replicate")
+            code = None if code is None else F.pad(code, [0, pad[2], 0, pad[1], 0, pad[0]], mode="replicate")
         s = self.stem(x)
         d1 = self.down1(s)
         d2 = self.res(self.down2(d1))
@@ -171,7 +180,11 @@ class CMBGenerator(nn.Module):
         u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
         if self.mask_to_head:
             masks = [x[:, 1:]] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
-            u2 = torch.cat([u2] + [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])], dim=1)
+            feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])]
+            if code is not None:
+                codes = [code] + [self._blurred(code, getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
+                feats += [self.head_gain * c for c in codes]
+            u2 = torch.cat([u2] + feats, dim=1)
         h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
         if self.output == "residual":
             out = image + h
