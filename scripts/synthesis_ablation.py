@@ -17,8 +17,8 @@ same number of iterations for every setup): an unfinished run's history is copie
 ``--reevaluate`` scores every trained run again with today's evaluator (``validate#evaluator`` of
 ``configs/train.yaml`` with ``configs/evaluate.yaml``, on the final checkpoint in ``seed<S>/models``) when its setup
 folder has an ``overrides.json`` (``{"args": ["--key", "value", ...]}``: what the setup changes relative to today's
-train.yaml, so that the networks are built as trained): ``RUNS/<setup>/seed<S>/eval.json`` (committed), then
-``RUNS/summary_eval.{json,md}``. It compares runs trained under an older evaluator like for like (the
+train.yaml, so that the networks are built as trained) and the run has no ``eval.json`` yet (``--force``: again):
+``RUNS/<setup>/seed<S>/eval.json`` (committed); then ``RUNS/summary_eval.{json,md}`` from every ``eval.json``. It compares runs trained under an older evaluator like for like (the
 weights are not committed: only where the runs were trained). ``max_identity_after_q1`` there still comes from the
 training's own validation rounds (``seed<S>/metrics.json``).
 """
@@ -80,13 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", default="bundles/cmb_synthesis/ablation")
     ap.add_argument("--at_epoch", type=int, default=None, help="compare all runs (finished or not) at this validation epoch")
     ap.add_argument("--reevaluate", action="store_true", help="score the trained runs again with today's evaluator")
-    ap.add_argument("--setups", nargs="*", default=None, help="with --reevaluate: only these setups")
+    ap.add_argument("--setups", nargs="*", default=None, help="with --reevaluate: evaluate only these setups")
+    ap.add_argument("--force", action="store_true", help="with --reevaluate: evaluate runs that have an eval.json again")
     args = ap.parse_args(argv)
     root = Path(args.runs)
     if args.at_epoch is not None:
         return _at_epoch(root, args.at_epoch)
     if args.reevaluate:
-        return _reevaluate(root, args.setups)
+        return _reevaluate(root, args.setups, args.force)
     setups: dict[str, dict[str, dict]] = {}
     for mj in sorted(root.glob("*/seed*/models/metrics.json")):
         m = json.loads(mj.read_text())
@@ -146,12 +147,12 @@ def _at_epoch(root: Path, epoch: int) -> int:
     return 0
 
 
-def _reevaluate(root: Path, only: list[str] | None = None) -> int:
-    """Today's evaluator on every run with models and an ``overrides.json`` (see the module docstring)."""
+def _reevaluate(root: Path, only: list[str] | None = None, force: bool = False) -> int:
+    """Today's evaluator on every run with models and an ``overrides.json`` that has no ``eval.json`` yet (all of
+    them with ``force``), then the table of every ``<setup>/seed<S>/eval.json`` (see the module docstring)."""
     repo = Path(__file__).resolve().parents[1]
     configs = repo / "bundles" / "cmb_synthesis" / "configs"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
-    setups: dict[str, dict[str, dict]] = {}
     for ov in sorted(root.glob("*/overrides.json")):
         setup = ov.parent
         if only and setup.name not in only:
@@ -159,6 +160,14 @@ def _reevaluate(root: Path, only: list[str] | None = None) -> int:
         extra = [str(a) for a in json.loads(ov.read_text()).get("args", [])]
         for run in sorted(p for p in setup.glob("seed*") if (p / "models").is_dir()):
             out = run / "eval.json"
+            if out.is_file() and not force:
+                continue
+            live = run / "models" / "metrics.json"
+            if live.is_file():
+                m = json.loads(live.read_text())
+                if m.get("max_epochs") and (m.get("history") or [{}])[-1].get("epoch", 0) < int(m["max_epochs"]):
+                    print(f"{run}: still training, not evaluated")
+                    continue
             cmd = [sys.executable, "-m", "monai.bundle", "run", "evaluating", "--config_file",
                    str([str(configs / "train.yaml"), str(configs / "evaluate.yaml")]),
                    "--ckpt_dir", str(run / "models"), "--metrics_path", str(out), *extra]
@@ -166,13 +175,15 @@ def _reevaluate(root: Path, only: list[str] | None = None) -> int:
             done = subprocess.run(cmd, env=env, capture_output=True, text=True)
             if done.returncode != 0:
                 print(f"{run}: evaluation failed:\n{done.stderr[-2000:]}", file=sys.stderr)
-                continue
-            summary = run_summary(out)
-            if (run / "metrics.json").is_file():  # the training's rounds (its own evaluator) for the identity check
-                summary["max_identity_after_q1"] = run_summary(run / "metrics.json")["max_identity_after_q1"]
-            setups.setdefault(setup.name, {})[run.name] = summary
+    setups: dict[str, dict[str, dict]] = {}
+    for out in sorted(root.glob("*/seed*/eval.json")):
+        run = out.parent
+        summary = run_summary(out)
+        if (run / "metrics.json").is_file():  # the training's rounds (its own evaluator) for the identity check
+            summary["max_identity_after_q1"] = run_summary(run / "metrics.json")["max_identity_after_q1"]
+        setups.setdefault(run.parent.name, {})[run.name] = summary
     if not setups:
-        print(f"error: no {root}/<setup>/overrides.json with trained seed<S>/models", file=sys.stderr)
+        print(f"error: no {root}/<setup>/seed<S>/eval.json (and nothing to evaluate)", file=sys.stderr)
         return 1
     write_json({"targets": TARGETS, "evaluator": "today's train.yaml validate#evaluator", "setups": setups},
                root / "summary_eval.json")
