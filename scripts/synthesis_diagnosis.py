@@ -66,6 +66,20 @@ def _run_config(models_dir: Path, overrides: dict | None = None) -> ConfigParser
     return parser
 
 
+def _code_masks(parser: ConfigParser, G_HP: torch.nn.Module):
+    """How the run gives G_HP its masks: contrast codes as the trainer / evaluator make them (a random rank per
+    painted lesion, seeded by the item's index; the measured rank of real lesions), or the masks as they are."""
+    code = parser.get_parsed_content("lesion_code") if getattr(G_HP, "mask_code", False) else None
+
+    def paint(i: int, y: torch.Tensor) -> torch.Tensor:
+        return y if code is None else code.random(y.long(), torch.Generator().manual_seed(int(i)))
+
+    def real(x: torch.Tensor, y: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+        return y if code is None else code.measure(x, y, b)
+
+    return paint, real
+
+
 def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
     parser = _run_config(models_dir, overrides)
     G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
@@ -78,15 +92,17 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
     profiles: dict[str, list[np.ndarray]] = {k: [] for k in (
         "real", "synthetic", "healthy_input", "pseudo_healthy", "php_reconstruction", "identity_on_real",
         "identity_on_healthy")}
+    paint, real = _code_masks(parser, G_HP)
     with torch.no_grad():
-        for it in parser.get_parsed_content("validate#items"):
+        for i, it in enumerate(parser.get_parsed_content("validate#items")):
             x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
             x_p, y_p, b_p = (torch.as_tensor(it[k])[None].float() for k in ("x_p", "y_p", "brainmask_p"))
+            c_hp, c_p = paint(i, y_hp), real(x_p, y_p, b_p)
             fake_h = G_PH(x_p, y_p)
             for key, img, y, b in (
-                ("real", x_p, y_p, b_p), ("synthetic", G_HP(x_h, y_hp), y_hp, b_h),
+                ("real", x_p, y_p, b_p), ("synthetic", G_HP(x_h, c_hp), y_hp, b_h),
                 ("healthy_input", x_h, y_hp, b_h), ("pseudo_healthy", fake_h, y_p, b_p),
-                ("php_reconstruction", G_HP(fake_h, y_p), y_p, b_p), ("identity_on_real", G_HP(x_p, y_p), y_p, b_p),
+                ("php_reconstruction", G_HP(fake_h, c_p), y_p, b_p), ("identity_on_real", G_HP(x_p, c_p), y_p, b_p),
                 ("identity_on_healthy", G_PH(x_h, y_hp), y_hp, b_h),
             ):
                 profiles[key].append(batch_measurements(img, y, b)[0])
@@ -119,6 +135,9 @@ def forces(models_dir: Path, n_batches: int, overrides: dict | None = None, refe
         if i >= n_batches:
             break
         b = {k: v.float() for k, v in b.items()}
+        if getattr(parser.get_parsed_content("train#trainer"), "lesion_code", None) is not None:  # as the trainer does
+            code = parser.get_parsed_content("train#trainer").lesion_code
+            b["y_hp"], b["y_p"] = code.random(b["y_hp"].long()), code.measure(b["x_p"], b["y_p"], b["brainmask_p"])
         cycle = {k: b[k] for k in ("x_h", "y_hp", "x_p", "y_p", "brainmask_h", "brainmask_p")}
         cycle.update(D_P=objective.D_P, D_H=objective.D_H, G_HP=G_HP, G_PH=G_PH)
         # the two cycles as GeneratorObjective.forward makes them
@@ -152,6 +171,7 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
     G_HP = parser.get_parsed_content("G_HP")
     G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
     G_HP.eval()
+    paint, _ = _code_masks(parser, G_HP)
     datalist = parser.get_parsed_content("datalist")
     n_bins = max(2, int(size_bins or parser.get_parsed_content("profile_size_bins")))
     train = size_binned_profiles(datalist, "training", n_bins)
@@ -160,9 +180,9 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
     rc = real_profiles[:, 0]
     syn_centres, syn_sizes = [], []
     with torch.no_grad():
-        for it in parser.get_parsed_content("validate#items"):
+        for i, it in enumerate(parser.get_parsed_content("validate#items")):
             x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
-            prof, _, sizes = lesion_measurements(G_HP(x_h, y_hp)[0], y_hp[0], b_h[0], return_sizes=True)
+            prof, _, sizes = lesion_measurements(G_HP(x_h, paint(i, y_hp))[0], y_hp[0], b_h[0], return_sizes=True)
             syn_centres.append(prof[:, 0])
             syn_sizes.append(sizes)
     sc, ss = np.concatenate(syn_centres), np.concatenate(syn_sizes)

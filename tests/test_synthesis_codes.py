@@ -109,8 +109,9 @@ def test_rank_at_reads_the_lesion_nearest_the_centre():
 def test_generator_paints_darker_for_a_higher_code_and_refuses_label_values():
     torch.manual_seed(0)
     G = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_code=True, mask_blur=())
-    # head inputs: 4 network channels, gain * mask, gain * mask * image, gain * (code - 1) on the lesion
-    assert G.head.in_channels == 4 + 3
+    # head inputs: 4 network channels, gain * mask, gain * mask * image, gain * (code - 1) on the lesion and on
+    # the 1-voxel shell around it
+    assert G.head.in_channels == 4 + 2 + 2
     with torch.no_grad():  # paint with the mask feature, and darker with the code feature
         G.head.weight.zero_()
         G.head.weight[0, 4] = -0.03
@@ -118,8 +119,14 @@ def test_generator_paints_darker_for_a_higher_code_and_refuses_label_values():
     x, m = _lesion(1.0)
     out = {v: G(x, m.float() * v)[m > 0].mean() for v in (0.5, 1.0, 1.5)}
     assert out[1.5] < out[1.0] < out[0.5] < TISSUE
-    with torch.no_grad():  # an untrained code weight: every rank paints what a binary mask paints
-        G.head.weight[0, 6] = 0.0
+    # the rank changes the lesion and its 1-voxel rim, nothing farther out
+    with torch.no_grad():
+        G.head.weight[0, 7] = -0.04
+    diff = (G(x, m.float() * 1.5) - G(x, m.float() * 0.5)).abs()[0, 0]
+    rim = torch.nn.functional.max_pool3d(m.float(), 3, 1, 1)[0, 0] > 0
+    assert float(diff[rim & (m[0, 0] == 0)].min()) > 0 and float(diff[~rim].max()) == 0.0
+    with torch.no_grad():  # untrained code weights: every rank paints what a binary mask paints
+        G.head.weight[0, 6:] = 0.0
     torch.testing.assert_close(G(x, m.float() * 1.5), G(x, m))
     torch.testing.assert_close(G(x, m), G(x, m.float()))  # integer labels = binary = the median code 1.0
     torch.testing.assert_close(G(x, m * 3), G(x, m))  # instance labels are binarised
