@@ -25,6 +25,10 @@ direction of the lesion profile term's gradient (``PM_lesion``; a run without it
 pulls the same way as the profile matching; negative: against it (the batch means of the projection and of the
 gradient norm, in ``forces``).
 
+``--ranks`` (a contrast-code run, :mod:`cmb_synthesis.synthesis.codes`) adds, per darkness rank 0 / 0.25 / 0.5 /
+0.75 / 1 and size bin, the mean centre intensity of the validation lesions painted at that rank and the real
+training CMBs' centre at that rank (in ``ranks``).
+
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
 (every CMB of the validation scans) are split into the training split's quantile size bins
@@ -212,6 +216,41 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
     }
 
 
+def ranks(models_dir: Path, overrides: dict | None = None, levels: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)) -> dict:
+    """Does a contrast-code G_HP paint the rank it is asked for? The evaluator's validation patches painted with
+    every lesion at each rank of ``levels``; per rank and size bin (the code's bins) the mean painted centre
+    intensity, beside the real training CMBs' centre at that rank (the profile term's target)."""
+    from cmb_synthesis.synthesis.codes import random_codes
+    from cmb_synthesis.synthesis.realism import lesion_measurements
+
+    parser = _run_config(models_dir, overrides)
+    G_HP = parser.get_parsed_content("G_HP")
+    if not getattr(G_HP, "mask_code", False):
+        raise ValueError(f"{models_dir}: the run's G_HP has no contrast codes (contrast_code false)")
+    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
+    G_HP.eval()
+    code = parser.get_parsed_content("lesion_code")
+    edges, n = code.edges.numpy(), len(code.edges) + 1
+    items = parser.get_parsed_content("validate#items")
+    r = lambda v: None if v is None or not np.isfinite(v) else round(float(v), 4)  # noqa: E731
+    out = {"edges": [r(e) for e in edges], "ranks": list(levels), "painted": [], "target": [], "count": None}
+    with torch.no_grad():
+        for q in levels:
+            centres, sizes = [], []
+            for it in items:
+                x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
+                prof, _, sz = lesion_measurements(G_HP(x_h, random_codes(y_hp.long(), ranks=q))[0], y_hp[0], b_h[0],
+                                                  return_sizes=True)
+                centres.append(prof[:, 0])
+                sizes.append(sz)
+            c, b = np.concatenate(centres), np.searchsorted(edges, np.concatenate(sizes), side="right")
+            out["painted"].append([r(c[b == k].mean()) if (b == k).any() else None for k in range(n)])
+            out["count"] = np.bincount(b, minlength=n).tolist()
+            target = code.target(torch.full((n,), float(q)), torch.tensor([0.0, *edges]))[:, 0]
+            out["target"].append([r(v) for v in target.tolist()])
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
@@ -220,6 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forces", type=int, default=0, metavar="N", help="also the terms' pull on G_HP over N training batches")
     ap.add_argument("--composition", action="store_true", help="also the centre ratio split into generator and size composition")
     ap.add_argument("--size_bins", type=int, default=None, help="size bins of --composition (default: the run's profile_size_bins, >= 2)")
+    ap.add_argument("--ranks", action="store_true", help="also the painted centre per contrast rank and size bin (a contrast-code run)")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.override:
@@ -232,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
         out["forces"] = forces(a.models_dir.resolve(), a.forces, overrides)
     if a.composition:
         out["composition"] = composition(a.models_dir.resolve(), overrides, a.size_bins)
+    if a.ranks:
+        out["ranks"] = ranks(a.models_dir.resolve(), overrides)
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
@@ -244,6 +286,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"centre per bin: painted {c['centre_synthetic']}, real {c['centre_real']}, training {c['centre_training']}")
         print(f"centre ratio {c['centre_ratio_raw']} (size-matched {c['centre_ratio_size_matched']}); a generator "
               f"painting like the training lesions: {c['training_match_raw']} (size-matched {c['training_match_size_matched']})")
+    if "ranks" in out:
+        for q, painted, target in zip(out["ranks"]["ranks"], out["ranks"]["painted"], out["ranks"]["target"]):
+            print(f"rank {q:.2f}: painted centre per size bin {painted}, real {target}")
     print(f"written: {dest}")
     return 0
 
