@@ -60,7 +60,10 @@ def step(cfgs, lambda_gp, batch, eps_seed):
                      d_channels=4, d_layers=2, n_critic=1, lambda_gp=lambda_gp, lr=0.0, max_epochs=1, epoch_length=1,
                      # batch-mean profile matching is per rank under DDP (like unsynchronised BatchNorm): its
                      # gradient is not the single process's on the global batch, so it is left out of this check
-                     lambda_profile_lesion=0.0, seed=0).items():
+                     lambda_profile_lesion=0.0, seed=0,
+                     # contrast codes: each process draws its own random ranks for the painted lesions, so a
+                     # rank's half of the batch is not painted as in the single process; binary masks here
+                     contrast_code=False).items():
         p[k] = v
     p["train#trainer#train_data_loader"] = "$[None]"  # replaced by the synthetic batch below
     p["initialize"] = [e for e in p["initialize"] if "makedirs" not in e]  # no bundle folders

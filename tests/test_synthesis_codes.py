@@ -238,3 +238,12 @@ def test_run_inference_refuses_a_bad_contrast_rank(tmp_path):
         with pytest.raises(ValueError, match="contrast_rank must be a number in \\[0, 1\\]"):
             run_inference(tmp_path, tmp_path / "out", G_HP=G, contrast_rank=bad)
     assert not (tmp_path / "out").exists()
+
+
+def test_stacked_windows_are_clamped_not_refused():
+    """The 2-channel form (sliding windows, TorchScript export, MONAI's verify_net_in_out with random inputs) is
+    not checked: the mask channel is clamped to [0, 1.5]."""
+    G = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_code=True)
+    x = torch.rand(1, 2, 16, 16, 8)
+    assert G(x).shape == (1, 1, 16, 16, 8)
+    torch.testing.assert_close(G(torch.cat([x[:, :1], x[:, 1:] * 3], 1)), G(torch.cat([x[:, :1], (x[:, 1:] * 3).clamp(0, 1.5)], 1)))

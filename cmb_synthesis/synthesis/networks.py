@@ -94,8 +94,9 @@ class CMBGenerator(nn.Module):
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
-        binary {0, 1} (any non-zero is treated as lesion; with ``mask_code`` a float code map); or ``image`` alone with both channels stacked
-        (B, 2, X, Y, Z), the form sliding-window inferers call. Returns (B, 1, X, Y, Z) in [0, 1].
+        binary {0, 1} (any non-zero is treated as lesion; with ``mask_code`` a float code map, checked); or
+        ``image`` alone with both channels stacked (B, 2, X, Y, Z), the form sliding-window inferers and exported
+        models call (with ``mask_code`` the mask channel is clamped to [0, 1.5]). Returns (B, 1, X, Y, Z) in [0, 1].
     """
 
     def __init__(
@@ -166,7 +167,9 @@ class CMBGenerator(nn.Module):
             raise ValueError(f"expected a (B, C, X, Y, Z) input, got shape {tuple(x.shape)}")
         code = None
         if self.mask_code:
-            self._check_codes(x[:, 1:])
+            if mask is not None:  # the explicit API: refuse float instance labels (stacked windows are our own)
+                self._check_codes(x[:, 1:])
+            x = torch.cat([x[:, :1], x[:, 1:].clamp(0.0, 1.5)], dim=1)
             binary = (x[:, 1:] > 0).to(x.dtype)
             code = (x[:, 1:] - 1.0) * binary  # 0 = the median rank, -0.5 / +0.5 the lightest / darkest
             x = torch.cat([x[:, :1], binary], dim=1)
@@ -202,7 +205,9 @@ class CMBGenerator(nn.Module):
 
     @staticmethod
     def _check_codes(code: torch.Tensor) -> None:
-        """A code map holds 0 or values in [0.5, 1.5] (float instance labels 2, 3, ... would be read as codes)."""
+        """A code map holds 0 or values in [0.5, 1.5] (float instance labels 2, 3, ... would be read as codes).
+        Checked on the ``mask`` argument; the stacked 2-channel form (sliding windows, export tracing, MONAI's
+        ``verify_net_in_out`` with random inputs) is clamped to [0, 1.5] instead."""
         bad = (code < 0) | (code > 1.5 + 1e-4) | ((code > 0) & (code < 0.5 - 1e-4))
         if bool(bad.any()):
             raise ValueError(
