@@ -55,7 +55,8 @@ def test_study_yaml_lists_run_study_and_stacks_each_bundles_configs(preset):
     assert p.get_parsed_content("run_study#detection_train_configs") == train
     assert p.get_parsed_content("run_study#detection_eval_configs") == [*train, "configs/evaluate.yaml"]
     assert p.get_parsed_content("run_study#detection_overrides") == ({} if preset == "paper" else {"max_epochs": 8})
-    assert p.get_parsed_content("run_study#synthesis_overrides") == {}
+    # CPU presets: the synthesis stages monitor on 4 validation patches per volume (the study uses the final G_HP)
+    assert p.get_parsed_content("run_study#synthesis_overrides") == ({} if preset == "paper" else {"val_patches_per_volume": 4})
     # the preset's own phantom cohort, generated lazily (not here)
     folder = {"cpu": "phantom", "paper": "phantom_paper", "benchmark": "phantom_benchmark"}[preset]
     assert p.get_parsed_content("dataset_dir").endswith("/" + folder)
