@@ -178,3 +178,43 @@ def test_scans_without_a_brain_mask_nifti_and_dicom_get_one_estimated(tmp_path, 
     with pytest.raises(BatchInferenceError, match="estimate_brainmask is off"):
         run_inference(src, tmp_path / "out2", G_HP=DarkenUnderMask(), lesion_bank=bank, patch=(160, 146, 32),
                       estimate_brainmask=False)
+
+
+class LiftEverywhere(torch.nn.Module):
+    """A stand-in generator that drifts everywhere: adds 0.2 to every voxel (as a badly trained G_PH lifts the
+    background)."""
+
+    def __init__(self):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, mask=None):
+        img = x[:, :1] if mask is None else x
+        return (img + 0.2).clamp(0, 1)
+
+
+@pytest.mark.parametrize("direction", ["pathological", "pseudo_healthy"])
+def test_inference_changes_nothing_outside_the_brain(tmp_path, direction):
+    rng = np.random.default_rng(1)
+    affine = np.diag([0.98, 0.98, 1.0, 1.0])
+    shape = (40, 36, 32)
+    img = np.zeros(shape, np.float32)
+    bm = np.zeros(shape, np.uint8)
+    bm[8:32, 8:28, 6:26] = 1
+    img[bm > 0] = (100 + 20 * rng.random(int(bm.sum()))).astype(np.float32)
+    mask = np.zeros(shape, np.uint16)
+    mask[18:21, 16:19, 14:17] = 1
+    src = tmp_path / "in"
+    src.mkdir()
+    _write(src / "s1_swi.nii.gz", img, affine)
+    _write(src / "s1_brainmask.nii.gz", bm, affine)
+    _write(src / "s1_mask.nii.gz", mask, affine)
+    G = LiftEverywhere()
+    run_inference(src, tmp_path / "out", G_HP=G, G_PH=G, direction=direction, patch=(48, 48, 32))
+    name = "s1_synthetic.nii.gz" if direction == "pathological" else "s1_pseudohealthy.nii.gz"
+    out = np.asarray(nib.load(str(tmp_path / "out" / name)).dataobj)
+    from scipy import ndimage
+
+    near_brain = ndimage.binary_dilation(bm > 0, iterations=2)
+    np.testing.assert_array_equal(out[~near_brain], img[~near_brain])  # the background is untouched
+    assert float((out - img)[bm > 0].mean()) > 0.5  # the generator's change inside the brain is written

@@ -42,6 +42,7 @@ import torch
 import torch.nn as nn
 from monai.inferers import SlidingWindowInferer
 from monai.networks.utils import eval_mode
+from scipy import ndimage
 
 from cmb_synthesis.data.batch import BatchJob, run_batch
 from cmb_synthesis.data.brainmask import estimate_brainmask as _estimate_brainmask
@@ -322,6 +323,10 @@ def _synthesise(
     delta = np.asarray(invert_percentile_scale(out[0].numpy(), lo, hi)) - np.asarray(
         invert_percentile_scale(x[0].numpy(), lo, hi)
     )
+    if scan["brainmask"] is not None:
+        # nothing outside the brain (dilated by 2 voxels) changes: lesions are painted and removed inside it, and
+        # a generator's drift on the background (G_PH of the CPU preset lifts it) must not reach the output
+        delta = np.where(ndimage.binary_dilation(scan["brainmask"][0].numpy() > 0, iterations=2), delta, 0.0)
     result = (can.array + delta).astype(np.float32)
     if direction == "pathological":
         lab = y[0].cpu().numpy()
