@@ -70,6 +70,7 @@ def test_random_codes_one_rank_per_lesion_inside_the_mask_only():
     assert fixed[1, 0, 5, 5, 2] == CODE_OFFSET  # lesion id 1 of the second sample
     binary = random_codes((m > 0).float(), torch.Generator().manual_seed(1))
     assert binary[0][m[0] > 0].unique().numel() == 1  # a binary mask: one lesion per sample
+    torch.testing.assert_close(random_codes(m.float(), torch.Generator().manual_seed(0)), c)  # float labels = labels
     with pytest.raises(ValueError, match="in \\[0, 1\\]"):
         random_codes(m, ranks=[0.2, 1.5])
     with pytest.raises(ValueError, match="one per lesion"):

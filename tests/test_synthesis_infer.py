@@ -45,6 +45,13 @@ def _write(path, arr, affine):
     nib.save(nib.Nifti1Image(arr, affine), str(path))
 
 
+def _write_scan(folder, sid, affine, **arrays):
+    """``<sid>_<key>.nii.gz`` in ``folder`` for each array (``swi``, ``brainmask``, ``mask``, ...)."""
+    folder.mkdir(exist_ok=True)
+    for key, arr in arrays.items():
+        _write(folder / f"{sid}_{key}.nii.gz", arr, affine)
+
+
 def test_run_inference_folder_keeps_space_and_reports_bad_scans(tmp_path):
     pytest.importorskip("transforms.pipelines")
     rng = np.random.default_rng(0)
@@ -58,10 +65,7 @@ def test_run_inference_folder_keeps_space_and_reports_bad_scans(tmp_path):
     mask = np.zeros(shape, np.uint16)
     mask[20:23, 18:21, 15:18] = 1
     src = tmp_path / "in"
-    src.mkdir()
-    _write(src / "s1_swi.nii.gz", img, affine)
-    _write(src / "s1_brainmask.nii.gz", bm, affine)
-    _write(src / "s1_mask.nii.gz", mask, affine)
+    _write_scan(src, "s1", affine, swi=img, brainmask=bm, mask=mask)
     (src / "bad_swi.nii.gz").write_bytes(b"not a nifti")
     _write(src / "bad_mask.nii.gz", mask, affine)
     jobs = find_scans(src)
@@ -205,10 +209,7 @@ def test_inference_changes_nothing_outside_the_brain(tmp_path, direction):
     mask = np.zeros(shape, np.uint16)
     mask[18:21, 16:19, 14:17] = 1
     src = tmp_path / "in"
-    src.mkdir()
-    _write(src / "s1_swi.nii.gz", img, affine)
-    _write(src / "s1_brainmask.nii.gz", bm, affine)
-    _write(src / "s1_mask.nii.gz", mask, affine)
+    _write_scan(src, "s1", affine, swi=img, brainmask=bm, mask=mask)
     G = LiftEverywhere()
     run_inference(src, tmp_path / "out", G_HP=G, G_PH=G, direction=direction, patch=(48, 48, 32))
     name = "s1_synthetic.nii.gz" if direction == "pathological" else "s1_pseudohealthy.nii.gz"

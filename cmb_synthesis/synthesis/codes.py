@@ -56,9 +56,12 @@ def quantile_profiles(profiles: np.ndarray, n_levels: int = 11) -> np.ndarray:
 
 
 def _instances(mask: torch.Tensor) -> torch.Tensor:
-    """Integer lesion ids of a (B, 1, X, Y, Z) mask: instance labels as given, any other mask as 0/1."""
-    if mask.is_floating_point() or mask.dtype == torch.bool:
-        return (mask > 0).long()
+    """Integer lesion ids of a (B, 1, X, Y, Z) mask: instance labels as given (float ones rounded, every non-zero
+    voxel at least 1), a bool or binary mask as 0/1."""
+    if mask.dtype == torch.bool:
+        return mask.long()
+    if mask.is_floating_point():
+        return torch.where(mask > 0, mask.round().clamp_min(1), torch.zeros((), dtype=mask.dtype, device=mask.device)).long()
     return mask.long().clamp_min(0)
 
 

@@ -121,8 +121,7 @@ def synthesize_volume(
                 raise ValueError(f"code map {tuple(code.shape)} and mask {tuple(mask.shape)} differ in shape")
             channel = code.float()
         else:
-            ids = torch.where(mask > 0, mask.round().clamp_min(1), 0).long() if mask.is_floating_point() else mask
-            channel = random_codes(ids[None], torch.Generator().manual_seed(int(code_seed)))[0]
+            channel = random_codes(mask[None], torch.Generator().manual_seed(int(code_seed)))[0]
     x = torch.cat([image.float(), channel], dim=0)[None]
     dev_type = torch.device(device).type
     with eval_mode(G), torch.autocast(device_type=dev_type, dtype=torch.bfloat16, enabled=amp):
