@@ -29,6 +29,11 @@ gradient norm, in ``forces``).
 0.75 / 1 and size bin, the mean centre intensity of the validation lesions painted at that rank and the real
 training CMBs' centre at that rank (in ``ranks``).
 
+``--edges`` adds what tells a painted lesion from a real one (in ``edges``): per-lesion features of the classifier's
+7^3 patches (centre intensity; edge roughness, the std of the 3-D Laplacian 2-3 voxels from the centre; the spread
+within the shells at 1 and 2 voxels) for the real reference lesions, the painted ones and the healthy input under
+the same masks, each feature's own two-sample AUC and the full-patch AUC (10 CV repetitions).
+
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
 (every CMB of the validation scans) are split into the training split's quantile size bins
@@ -251,6 +256,58 @@ def ranks(models_dir: Path, overrides: dict | None = None, levels: tuple[float, 
     return out
 
 
+def patch_features(patches: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-lesion features of the classifier's (L, 7^3) normalised patches: the centre intensity, the edge
+    roughness (std of the 3-D Laplacian over the voxels 2-3 from the centre: a step at the label's edge makes it
+    large, a graded blooming edge small) and the spread of intensities within the shells at 1 and 2 voxels."""
+    from scipy import ndimage
+
+    n = round(patches.shape[1] ** (1 / 3))
+    p = patches.reshape(-1, n, n, n).astype(np.float64)
+    g = np.arange(n) - n // 2
+    d = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
+    lap = np.stack([ndimage.laplace(q) for q in p]) if len(p) else p
+    return {
+        "centre": p[:, n // 2, n // 2, n // 2],
+        "edge_roughness": lap[:, (d >= 2) & (d <= 3)].std(1),
+        "shell1_spread": p[:, np.abs(d - 1) < 0.5].std(1),
+        "shell2_spread": p[:, np.abs(d - 2) < 0.5].std(1),
+    }
+
+
+def edges(models_dir: Path, overrides: dict | None = None, n_repeats: int = 10) -> dict:
+    """What tells the painted lesions from the real ones: per feature of :func:`patch_features`, the mean and sd
+    over the evaluator's real reference lesions, the painted ones and the healthy input under the same masks, and
+    the classifier two-sample AUC of that feature alone (real vs painted; ``n_repeats`` CV repetitions); and the
+    evaluator's full-patch AUC (the same repetitions)."""
+    from cmb_synthesis.synthesis.realism import batch_measurements, two_sample_auc
+
+    parser = _run_config(models_dir, overrides)
+    G_HP = parser.get_parsed_content("G_HP")
+    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
+    G_HP.eval()
+    paint, _ = _code_masks(parser, G_HP)
+    painted, healthy = [], []
+    with torch.no_grad():
+        for i, it in enumerate(parser.get_parsed_content("validate#items")):
+            x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
+            painted.append(batch_measurements(G_HP(x_h, paint(i, y_hp)), y_hp, b_h)[1])
+            healthy.append(batch_measurements(x_h, y_hp, b_h)[1])
+    real = parser.get_parsed_content("validate#realism_reference")[1]
+    sets = {"real": real, "synthetic": np.concatenate(painted), "healthy_input": np.concatenate(healthy)}
+    feats = {k: patch_features(v) for k, v in sets.items()}
+    r = lambda v: round(float(v), 4)  # noqa: E731
+    out = {"n": {k: int(len(v)) for k, v in sets.items()},
+           "full_patch_auc": r(two_sample_auc(sets["real"], sets["synthetic"], n_repeats=n_repeats)), "features": {}}
+    for name in feats["real"]:
+        out["features"][name] = {
+            **{k: {"mean": r(f[name].mean()), "sd": r(f[name].std())} for k, f in feats.items()},
+            "auc_real_vs_synthetic": r(two_sample_auc(feats["real"][name][:, None], feats["synthetic"][name][:, None],
+                                                      n_repeats=n_repeats)),
+        }
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
@@ -260,6 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--composition", action="store_true", help="also the centre ratio split into generator and size composition")
     ap.add_argument("--size_bins", type=int, default=None, help="size bins of --composition (default: the run's profile_size_bins, >= 2)")
     ap.add_argument("--ranks", action="store_true", help="also the painted centre per contrast rank and size bin (a contrast-code run)")
+    ap.add_argument("--edges", action="store_true", help="also per-lesion features (edge roughness, ...) of real vs painted lesions, with their AUCs")
     a = ap.parse_args(argv)
     overrides = {}
     for kv in a.override:
@@ -274,6 +332,8 @@ def main(argv: list[str] | None = None) -> int:
         out["composition"] = composition(a.models_dir.resolve(), overrides, a.size_bins)
     if a.ranks:
         out["ranks"] = ranks(a.models_dir.resolve(), overrides)
+    if a.edges:
+        out["edges"] = edges(a.models_dir.resolve(), overrides)
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
@@ -289,6 +349,12 @@ def main(argv: list[str] | None = None) -> int:
     if "ranks" in out:
         for q, painted, target in zip(out["ranks"]["ranks"], out["ranks"]["painted"], out["ranks"]["target"]):
             print(f"rank {q:.2f}: painted centre per size bin {painted}, real {target}")
+    if "edges" in out:
+        e = out["edges"]
+        print(f"full-patch AUC {e['full_patch_auc']} (real n={e['n']['real']}, painted n={e['n']['synthetic']})")
+        for name, f in e["features"].items():
+            print(f"{name:15s} real {f['real']['mean']:.3f}  painted {f['synthetic']['mean']:.3f}  healthy input "
+                  f"{f['healthy_input']['mean']:.3f}  AUC alone {f['auc_real_vs_synthetic']:.3f}")
     print(f"written: {dest}")
     return 0
 

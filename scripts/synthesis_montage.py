@@ -4,11 +4,12 @@ bottom row: real and synthetic CMBs side by side at the same zoom and grey level
 
     python scripts/synthesis_montage.py [--bundle_dir bundles/cmb_synthesis] [--datalist DATALIST]
         [--split validation] [--seed 0] [--output bundles/cmb_synthesis/docs/synthesis_montage.png]
-        [--config bundles/cmb_synthesis/configs/paper.yaml] [--models_dir DIR]
+        [--config bundles/cmb_synthesis/configs/paper.yaml] [--models_dir DIR] [--override key=value ...]
 
 Uses the trained ``models/G_HP.pt``, ``models/G_PH.pt`` and ``models/lesion_bank.npz`` and the generator
 definition ``G_def`` of ``configs/train.yaml`` (merged with the ``--config`` overlays, e.g. ``paper.yaml`` for
-networks trained with the paper preset).
+networks trained with the paper preset) and the `--override` values a run was trained with (its ablation
+``overrides.json``), e.g. ``--override g_head_smooth=0.7``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ matplotlib.use("Agg")
 import matplotlib.patches as mpatches  # noqa: E402
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
 import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
@@ -81,20 +83,24 @@ def main() -> None:
     ap.add_argument("--ckpt", default=None, help="a checkpoint_iteration=N.pt to use instead of models/G_HP.pt, G_PH.pt")
     ap.add_argument("--config", action="append", default=[], help="config overlays merged over configs/train.yaml")
     ap.add_argument("--models_dir", default=None, help="folder with G_HP.pt, G_PH.pt, lesion_bank.npz (default <bundle_dir>/models)")
+    ap.add_argument("--override", nargs="*", default=[], help="key=value config overrides (YAML values), as the run was trained")
     args = ap.parse_args()
     bundle = Path(args.bundle_dir)
     parser = ConfigParser()
     parser.read_config([str(bundle / "configs" / "train.yaml"), *args.config])
-    gen = parser.get_parsed_content("G_def")  # builds a freshly initialised generator per call
-    # G_HP reads contrast codes when the preset has them (each lesion painted at a random darkness rank)
-    code = bool(parser.get_parsed_content("contrast_code_flag"))
+    for item in args.override:
+        key, _, value = item.partition("=")
+        parser[key] = yaml.safe_load(value)
+    parser["device"] = "$torch.device('cpu')"
+    # the networks as the config defines them (G_HP's contrast codes and head smoothing included)
+    G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
     if args.ckpt:
-        G_HP = load_network_weights(gen(mask_code=code), args.ckpt, key="G_HP")
-        G_PH = load_network_weights(gen(), args.ckpt, key="G_PH")
+        G_HP = load_network_weights(G_HP, args.ckpt, key="G_HP")
+        G_PH = load_network_weights(G_PH, args.ckpt, key="G_PH")
     else:
         models = Path(args.models_dir or bundle / "models")
-        G_HP = load_network_weights(gen(mask_code=code), models / "G_HP.pt")
-        G_PH = load_network_weights(gen(), models / "G_PH.pt")
+        G_HP = load_network_weights(G_HP, models / "G_HP.pt")
+        G_PH = load_network_weights(G_PH, models / "G_PH.pt")
     datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
     import json
 

@@ -55,8 +55,10 @@ def test_study_yaml_lists_run_study_and_stacks_each_bundles_configs(preset):
     assert p.get_parsed_content("run_study#detection_train_configs") == train
     assert p.get_parsed_content("run_study#detection_eval_configs") == [*train, "configs/evaluate.yaml"]
     assert p.get_parsed_content("run_study#detection_overrides") == ({} if preset == "paper" else {"max_epochs": 8})
-    # CPU presets: the synthesis stages monitor on 4 validation patches per volume (the study uses the final G_HP)
-    assert p.get_parsed_content("run_study#synthesis_overrides") == ({} if preset == "paper" else {"val_patches_per_volume": 4})
+    # CPU presets: the synthesis stages validate once, at the end, on 4 patches per volume (the study uses the final
+    # G_HP)
+    assert p.get_parsed_content("run_study#synthesis_overrides") == (
+        {} if preset == "paper" else {"val_patches_per_volume": 4, "val_interval": 20})
     # the preset's own phantom cohort, generated lazily (not here)
     folder = {"cpu": "phantom", "paper": "phantom_paper", "benchmark": "phantom_benchmark"}[preset]
     assert p.get_parsed_content("dataset_dir").endswith("/" + folder)
@@ -85,7 +87,7 @@ def test_study_yaml_quick_selects_the_smaller_study(flag):
     assert p.get_parsed_content("run_study#repeats") == 2
     assert [tuple(a) for a in p.get_parsed_content("run_study#arms")] == [
         ("real", False), ("real+synthetic", False), ("real", True), ("real+synthetic", True)]
-    assert p.get_parsed_content("run_study#synthesis_overrides") == {"max_epochs": 5}
+    assert p.get_parsed_content("run_study#synthesis_overrides") == {"max_epochs": 5, "val_interval": 5}
     assert p.get_parsed_content("run_study#detection_overrides") == {"max_epochs": 4}
     p2 = ConfigParser()
     p2.read_config(str(STUDY_YAML))

@@ -141,3 +141,58 @@ def test_blurred_masks_feed_the_head_and_keep_an_untrained_generator_the_identit
     assert 0 < b[0, 0, 14, 12, 6] < b[0, 0, 12, 12, 6] < 1
     with pytest.raises(ValueError, match="positive"):
         CMBGenerator(channels=4, n_res_blocks=1, mask_blur=(0.0,))
+
+
+def test_head_smooth_paints_a_graded_lesion_and_nothing_beyond_its_reach():
+    """head_smooth: the head's mask (and code) features blurred, so a painted lesion fades towards its edge
+    instead of a plateau with a step; nothing farther than round(3 sigma) voxels from the label changes."""
+    x = torch.full((1, 1, 24, 24, 12), 0.6)
+    m = torch.zeros_like(x)
+    m[..., 10:15, 10:15, 4:9] = 1  # a 5-voxel cube
+    out = {}
+    for sigma in (0.0, 0.7):
+        g = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(), head_smooth=sigma)
+        assert g.head.in_channels == 4 + 2
+        torch.testing.assert_close(g(x, m), x)  # untrained: the identity
+        with torch.no_grad():
+            g.head.weight.zero_()
+            g.head.weight[0, 4] = -0.05  # paint with the mask feature only
+        out[sigma] = (x - g(x, m))[0, 0, :, 12, 6]  # darkening along a line through the centre
+    sharp, smooth = out[0.0], out[0.7]
+    assert float(sharp[10:15].std()) < 1e-6 and float(sharp[9]) == 0.0  # a plateau with a step
+    assert float(smooth[12]) > float(smooth[10]) > float(smooth[9]) > 0  # darkest at the centre, graded edge
+    assert float(smooth[:7].abs().max()) == 0.0 and float(smooth[18:].abs().max()) == 0.0  # reach 2 voxels
+    coded = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(), mask_code=True,
+                         head_smooth=0.7)
+    with torch.no_grad():
+        coded.head.weight.zero_()
+        coded.head.weight[0, 6:] = -0.05  # the code and rim features only
+    diff = (coded(x, m * 1.5) - coded(x, m * 0.5)).abs()[0, 0]
+    far = torch.nn.functional.max_pool3d(m, 7, 1, 3)[0, 0] == 0  # > 3 voxels from the label
+    assert float(diff[10:15, 10:15, 4:9].min()) > 0 and float(diff[far].max()) == 0.0
+    with pytest.raises(ValueError, match="head_smooth"):
+        CMBGenerator(channels=4, n_res_blocks=1, head_smooth=-1.0)
+    with pytest.raises(ValueError, match="smooth_peak needs head_smooth"):
+        CMBGenerator(channels=4, n_res_blocks=1, smooth_peak=True)
+
+
+def test_smooth_peak_paints_the_same_centre_on_a_small_and_a_large_lesion():
+    """smooth_peak: the smoothed mask scaled to 1 at each lesion's centre, so one head weight paints a 1-voxel
+    and a 4-voxel-wide lesion equally dark at the centre (without it the small one stays lighter)."""
+    x = torch.full((1, 1, 24, 24, 12), 0.6)
+    centre = {}
+    for peak in (False, True):
+        g = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(), head_gain=1.0,
+                         head_smooth=0.7, smooth_peak=peak)
+        with torch.no_grad():
+            g.head.weight.zero_()
+            g.head.weight[0, 4] = -0.5  # paint with the (smoothed) mask feature only
+            for width in (1, 4):
+                m = torch.zeros_like(x)
+                m[..., 11:11 + width, 11:11 + width, 5:5 + width] = 1
+                out = g(x, m)[0, 0]
+                c = width // 2
+                centre[peak, width] = float(out[11 + c, 11 + c, 5 + c])
+                assert float((out - 0.6)[m[0, 0] == 0].abs().max()) < 0.5  # graded: the edge is lighter than 0.1
+    assert centre[False, 1] > centre[False, 4] + 0.3  # the blurred label peaks lower on a small lesion
+    assert centre[True, 1] == pytest.approx(centre[True, 4], abs=1e-4) == pytest.approx(0.1, abs=1e-4)

@@ -69,6 +69,12 @@ def test_two_sample_auc_separates_flat_from_blooming_and_not_blooming_from_bloom
     rep = realism_report(real_p, flat_p, real_x, flat_x)
     assert rep["realism_auc"] > 0.95 and rep["centre_ratio"] > 1.3
     assert np.isnan(two_sample_auc(np.zeros((1, 3)), np.ones((5, 3))))
+    # repeated cross-validation: the mean of the AUCs with fold seeds seed, seed + 1, ...
+    a, b = np.concatenate(real_x), np.concatenate(more_x)
+    single = [two_sample_auc(a, b, seed=s) for s in (3, 4, 5)]
+    assert two_sample_auc(a, b, seed=3, n_repeats=3) == pytest.approx(np.mean(single))
+    with pytest.raises(ValueError, match="n_repeats"):
+        two_sample_auc(a, b, n_repeats=0)
 
 
 def test_realism_metric_accumulates_a_round_and_compares_with_the_reference():

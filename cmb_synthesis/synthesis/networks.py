@@ -91,6 +91,17 @@ class CMBGenerator(nn.Module):
             (blurred code maps, tried first, let the rank change the tissue beyond the lesion: identity error
             0.016-0.025), and an untrained code weight leaves the generator as it is without codes. False: every
             mask is binarised.
+        head_smooth: sigma (voxels) of a Gaussian applied to the head's mask features that are otherwise sharp (the
+            mask, mask * image and, with ``mask_code``, the code and rim maps; ours, 0: none). Real CMBs fade
+            from a dark centre to a lighter edge inside their label (a blooming profile sampled on voxels), which
+            a blur of the label at ~0.7 voxel fits far better than the binary label (least squares on the
+            training CMBs: R^2 0.85 against 0.66); with the sharp features a trained head paints flat plateaus
+            with a step at the label's edge. Truncated at ``round(3 sigma)`` voxels: nothing farther changes.
+        smooth_peak: divide the blurred features by the blurred mask's local peak (the maximum within 3 voxels),
+            so every lesion's smoothed mask reaches 1 at its centre whatever its size (ours; needs
+            ``head_smooth``). A CMB's centre is dark whatever its size, but a blurred label peaks higher on a large
+            lesion than on a small one, so one head weight painted the large ones too dark (validation lesions of
+            37+ voxels: centre 0.05 of the tissue against 0.18 for real ones).
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
@@ -112,6 +123,8 @@ class CMBGenerator(nn.Module):
         head_gain: float = 4.0,
         mask_blur: Sequence[float] = (),
         mask_code: bool = False,
+        head_smooth: float = 0.0,
+        smooth_peak: bool = False,
     ) -> None:
         super().__init__()
         self.mask_code = bool(mask_code)
@@ -145,6 +158,16 @@ class CMBGenerator(nn.Module):
             r = max(1, int(round(3 * sg)))
             k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / sg) ** 2)
             self.register_buffer(f"_blur{i}", k / k.sum(), persistent=False)
+        self.head_smooth = float(head_smooth) if self.mask_to_head else 0.0
+        if self.head_smooth < 0:
+            raise ValueError(f"head_smooth must be >= 0, got {head_smooth}")
+        self.smooth_peak = bool(smooth_peak)
+        if self.smooth_peak and self.head_smooth <= 0:
+            raise ValueError("smooth_peak needs head_smooth > 0 (it normalises the smoothed mask features)")
+        if self.head_smooth > 0:
+            r = max(1, int(round(3 * self.head_smooth)))
+            k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / self.head_smooth) ** 2)
+            self.register_buffer("_smooth", k / k.sum(), persistent=False)
         n_head = 2 * (in_channels - 1) * (1 + len(self.mask_blur)) if self.mask_to_head else 0
         if self.mask_code:
             if not self.mask_to_head:
@@ -185,13 +208,23 @@ class CMBGenerator(nn.Module):
         u1 = self.fuse1(torch.cat([self.up1(d2), d1], dim=1))
         u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
         if self.mask_to_head:
-            masks = [x[:, 1:]] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
+            sharp, peak = x[:, 1:], None
+            if self.head_smooth > 0:
+                sharp = self._blurred(x[:, 1:], self._smooth)
+                if self.smooth_peak:  # each lesion's smoothed mask scaled to 1 at its centre
+                    peak = F.max_pool3d(sharp, kernel_size=7, stride=1, padding=3).clamp_min(1e-3)
+                    sharp = sharp / peak
+            masks = [sharp] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
             feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])]
             if code is not None:
                 binary = x[:, 1:]
                 # the nearest lesion's code on the 1-voxel (cubic) shell around it: codes + 1 are > 0 on lesions
                 near = F.max_pool3d((code + 1.0) * binary, kernel_size=3, stride=1, padding=1)
                 rim = (near - 1.0) * ((near > 0) & (binary <= 0)).to(code.dtype)
+                if self.head_smooth > 0:
+                    code, rim = self._blurred(code, self._smooth), self._blurred(rim, self._smooth)
+                    if peak is not None:
+                        code, rim = code / peak, rim / peak
                 feats += [self.head_gain * code, self.head_gain * rim]
             u2 = torch.cat([u2] + feats, dim=1)
         h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
