@@ -205,6 +205,28 @@ def test_lesion_critic_is_one_config_value():
     assert paper.get_parsed_content("contrast_code_flag") is False  # the paper's binary masks
 
 
+def test_smooth_painting_and_mask_placement_are_config_values():
+    """g_head_smooth / g_head_smooth_peak reach G_HP only (G_PH stays sharp: L_AM holds it to the label), the
+    flag read from its command-line string; mask_dark_percentile reaches the mask sampler's options of training,
+    validation and inference; paper.yaml switches all three off."""
+    on = _lesion_config(g_head_smooth=0.7, g_head_smooth_peak="true", mask_dark_percentile=5)
+    G_HP, G_PH = on.get_parsed_content("G_HP"), on.get_parsed_content("G_PH")
+    assert (G_HP.head_smooth, G_HP.smooth_peak, G_PH.head_smooth, G_PH.smooth_peak) == (0.7, True, 0.0, False)
+    assert on.get_parsed_content("lesion_mask_options") == {"dark_percentile": 5.0}
+    assert on.get("train#dataset#mask_options") == "@lesion_mask_options"
+    assert "mask_options=@lesion_mask_options" in on.get("validate#items")
+    inference = ConfigParser()
+    inference.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "inference.yaml")])
+    assert inference.get("run_inference#mask_options") == "@lesion_mask_options"
+    off = _lesion_config(g_head_smooth=0.7, g_head_smooth_peak="false", mask_dark_percentile="null")
+    assert off.get_parsed_content("G_HP").smooth_peak is False
+    assert off.get_parsed_content("lesion_mask_options") == {"dark_percentile": None}
+    paper = ConfigParser()
+    paper.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "paper.yaml")])
+    assert float(paper.get_parsed_content("g_head_smooth")) == 0.0
+    assert paper.get_parsed_content("lesion_mask_options") == {"dark_percentile": None}
+
+
 @pytest.mark.parametrize(
     "key, cls, default, attrs",
     [

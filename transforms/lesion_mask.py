@@ -40,6 +40,9 @@ def allowed_region(
     erosion: int = 1,
     csf_percentile: float = 92.0,
     csf_dilation: int = 1,
+    dark_percentile: float | None = None,
+    dark_gap: int = 2,
+    dark_smoothing: float = 1.0,
 ) -> np.ndarray:
     """Voxels where a lesion may lie: brain mask eroded by ``erosion`` voxels, then
 
@@ -47,6 +50,11 @@ def allowed_region(
     - without one: voxels brighter than the ``csf_percentile`` in-brain percentile of ``image``, grown by
       ``csf_dilation`` voxels, removed (CSF is bright on SWI; the margin also removes partial-volume CSF);
       ``image=None`` skips this.
+    - with ``dark_percentile`` (and ``image``): dark structures and the ``dark_gap`` voxels around them removed,
+      i.e. voxels of the image smoothed with a Gaussian of ``dark_smoothing`` voxels (so noise does not count)
+      below its ``dark_percentile`` in-brain percentile. On SWI these are veins, existing CMBs and mineralisation:
+      a CMB is not painted onto or against a vein (the phantom keeps its CMBs 2 mm from veins; on the default
+      cohort the 5th percentile covers 86 % of the vein voxels and removes 8 % of the other tissue).
 
     All arrays (X, Y, Z); returns bool (X, Y, Z).
     """
@@ -59,6 +67,14 @@ def allowed_region(
         if csf_dilation > 0:
             bright = ndimage.binary_dilation(bright, iterations=int(csf_dilation))
         allowed &= ~bright
+    if dark_percentile is not None and image is not None and bm.any():
+        smooth = image.astype(np.float32)
+        if dark_smoothing > 0:  # the dark background blurs into the brain's outer voxels: they are avoided too
+            smooth = ndimage.gaussian_filter(smooth, float(dark_smoothing))
+        dark = (smooth < np.percentile(smooth[bm], float(dark_percentile))) & bm
+        if dark_gap > 0:
+            dark = ndimage.binary_dilation(dark, iterations=int(dark_gap))
+        allowed &= ~dark
     return allowed
 
 
@@ -78,7 +94,8 @@ class RandLesionMaskd(Randomizable, MapTransform):
         rotate90, flip: random 90-degree rotations / flips in the axial plane (axes 0, 1).
         gap: minimum distance in voxels between lesions (1: lesions never touch, not even diagonally).
         max_tries: placement attempts per lesion before giving up on it (logged).
-        erosion, allowed_tissue, csf_percentile, csf_dilation: see :func:`allowed_region`.
+        erosion, allowed_tissue, csf_percentile, csf_dilation, dark_percentile, dark_gap, dark_smoothing: see
+            :func:`allowed_region` (``dark_percentile`` None: dark structures are not avoided).
         match_spacing: rescale bank shapes by ``bank.spacing / image spacing`` (from the image affine).
         tissue_prior: with a tissue map and a bank that has ``tissue_fraction``, also weight centres so the
             tissue class of the sampled centres follows the training lesions' (each allowed class keeps at
@@ -103,6 +120,9 @@ class RandLesionMaskd(Randomizable, MapTransform):
         allowed_tissue: Sequence[int] = DEFAULT_ALLOWED_TISSUE,
         csf_percentile: float = 92.0,
         csf_dilation: int = 1,
+        dark_percentile: float | None = None,
+        dark_gap: int = 2,
+        dark_smoothing: float = 1.0,
         match_spacing: bool = True,
         tissue_prior: bool = True,
         tissue_floor: float = 0.05,
@@ -119,6 +139,8 @@ class RandLesionMaskd(Randomizable, MapTransform):
         self.rotate90, self.flip, self.gap, self.max_tries = rotate90, flip, int(gap), int(max_tries)
         self.erosion, self.allowed_tissue, self.csf_percentile = int(erosion), tuple(allowed_tissue), csf_percentile
         self.csf_dilation = int(csf_dilation)
+        self.dark_percentile = None if dark_percentile is None else float(dark_percentile)
+        self.dark_gap, self.dark_smoothing = int(dark_gap), float(dark_smoothing)
         self.match_spacing, self.dtype = match_spacing, dtype
         self.tissue_prior, self.tissue_floor = tissue_prior, float(tissue_floor)
         counts = self.bank.counts[self.bank.counts >= self.min_lesions]
@@ -160,10 +182,11 @@ class RandLesionMaskd(Randomizable, MapTransform):
         if not (bm > 0).any():
             raise ValueError(f"{name}: brain mask is empty, nowhere to place lesions")
         allowed = allowed_region(
-            bm, tissue, image, self.allowed_tissue, self.erosion, self.csf_percentile, self.csf_dilation
+            bm, tissue, image, self.allowed_tissue, self.erosion, self.csf_percentile, self.csf_dilation,
+            self.dark_percentile, self.dark_gap, self.dark_smoothing,
         )
         if not allowed.any():
-            raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small or all CSF)")
+            raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small, all CSF or all dark)")
         zoom = np.ones(3)
         if self.match_spacing and getattr(img, "affine", None) is not None:
             sp = np.sqrt((_np(img.affine)[:3, :3] ** 2).sum(0))

@@ -25,7 +25,7 @@ worker, itself drawn from the main process's torch generator: reproducible with 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,11 +102,13 @@ def _to_numpy(x: Any) -> np.ndarray:
 
 
 def healthy_patch_transforms(
-    bank: Any, patch_size: Sequence[int], n_lesions: int | None = None, crops_per_mask: int = 1
+    bank: Any, patch_size: Sequence[int], n_lesions: int | None = None, crops_per_mask: int = 1,
+    mask_options: Mapping[str, Any] | None = None,
 ) -> Compose:
     """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches,
     each centred on a random voxel of the sampled lesions (one mask sample serves several crops because
-    sampling is the costly step). Returns a list of ``crops_per_mask`` dicts.
+    sampling is the costly step). Returns a list of ``crops_per_mask`` dicts. ``mask_options``: more keyword
+    arguments of :class:`transforms.lesion_mask.RandLesionMaskd` (e.g. ``dark_percentile``).
 
     The centre is shifted inwards where the patch would leave the volume, so the chosen lesion voxel is inside
     every patch (a weighted crop restricted to fully-inside centres would degenerate to a uniform draw when
@@ -114,7 +116,8 @@ def healthy_patch_transforms(
     """
     return Compose(
         [
-            RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions),
+            RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions,
+                            **dict(mask_options or {})),
             DeleteItemsd(keys="tissue"),  # not needed any more; uncropped items would be copied per crop
             _crop(patch_size, pos=1.0, neg=0.0, num_samples=crops_per_mask),
         ]
@@ -215,6 +218,7 @@ def training_dataset(
     cache_rate: float = 1.0,
     num_workers: int = 0,
     seed: int = 0,
+    mask_options: Mapping[str, Any] | None = None,
 ) -> CycleGANPatchDataset:
     """The training :class:`CycleGANPatchDataset`: cached preprocessed volumes + per-step sampling/cropping.
 
@@ -226,12 +230,13 @@ def training_dataset(
         pos_ratio: lesion-centred : random crops for pathological patches.
         crops_per_mask: healthy crops cut from one sampled mask.
         cache_rate, num_workers: MONAI ``CacheDataset`` settings (preprocessing runs once per volume).
+        mask_options: more keyword arguments of the healthy volumes' mask sampler (``RandLesionMaskd``).
     """
     healthy, patho = load_groups(datalist, split)
     pre = list(_preprocessing(healthy + patho).flatten().transforms)  # flat, so CacheDataset caches up to the first random step
     h_ds = CacheDataset(
         healthy,
-        Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions, crops_per_mask).transforms) + [_as_plain]),
+        Compose(pre + list(healthy_patch_transforms(bank, patch_size, n_lesions, crops_per_mask, mask_options).transforms) + [_as_plain]),
         cache_rate=cache_rate,
         num_workers=num_workers,
         copy_cache=False,  # the random steps never modify the cached volumes in place
@@ -264,15 +269,17 @@ def validation_patches(
     n_lesions: int | None = None,
     split: str = "validation",
     seed: int = 12345,
+    mask_options: Mapping[str, Any] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
-    """A fixed list of validation items (same keys as training, no ``x_p2``), drawn once with ``seed``.
+    """A fixed list of validation items (same keys as training, no ``x_p2``), drawn once with ``seed``
+    (``mask_options``: more keyword arguments of the healthy volumes' mask sampler, as in training).
 
     Healthy volumes get sampled masks and lesion-centred crops; pathological volumes lesion-centred crops of
     their real lesions. The two lists are paired by index (the shorter one cycles), so every patch is used.
     """
     healthy, patho = load_groups(datalist, split)
     pre = _preprocessing(healthy + patho)
-    h_rand = healthy_patch_transforms(bank, patch_size, n_lesions)
+    h_rand = healthy_patch_transforms(bank, patch_size, n_lesions, mask_options=mask_options)
     p_rand = Compose([_crop(patch_size, pos=1.0, neg=0.0)])  # validation: lesion-centred only
     h_rand.set_random_state(seed)
     p_rand.set_random_state(seed + 1)

@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -217,7 +217,7 @@ def _check_inputs(job: ScanJob, direction: str, bank: Any, estimate_mask: bool =
 
 def load_scan(
     job: ScanJob, direction: str = "pathological", bank: Any = None, n_lesions: int | None = None, seed: int = 0,
-    estimate_brainmask: bool = True,
+    estimate_brainmask: bool = True, mask_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Preprocess one scan as in training and get its lesion mask (given or sampled).
 
@@ -281,7 +281,7 @@ def load_scan(
                                n_all - inside.size, n_all, job.mask, where)
     else:
         sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank,
-                                  n_lesions=n_lesions)
+                                  n_lesions=n_lesions, **dict(mask_options or {}))
         sampler.set_random_state(_scan_seed(seed, job.id))
         try:
             data = sampler(data)
@@ -310,10 +310,10 @@ def load_scan(
 def _synthesise(
     job: BatchJob, tmp: dict[str, Path], G: nn.Module, direction: str, bank: Any, n_lesions: int | None, seed: int,
     patch: Sequence[int], overlap: float, device: Any, amp: bool, estimate_brainmask: bool = True,
-    contrast_rank: float | None = None,
+    contrast_rank: float | None = None, mask_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """One scan of :func:`run_inference`: synthesise and write each output to its temporary path ``tmp[name]``."""
-    scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed, estimate_brainmask)
+    scan = load_scan(job.extra["scan"], direction, bank, n_lesions, seed, estimate_brainmask, mask_options)
     x, y, lo, hi = scan["image"], scan["label"], scan["lo"], scan["hi"]
     can: CanonicalImage = scan["canonical"]
     code = None if contrast_rank is None else random_codes(y[None], ranks=float(contrast_rank))[0]
@@ -369,6 +369,7 @@ def run_inference(
     raise_on_error: bool = True,
     estimate_brainmask: bool = True,
     contrast_rank: float | None = None,
+    mask_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Synthesise CMBs on every healthy scan (or remove them: ``direction="pseudo_healthy"``).
 
@@ -393,6 +394,8 @@ def run_inference(
             darkness rank in [0, 1] (0 the lightest real CMBs of its size, 0.5 the median, 1 the darkest); None:
             a random rank per lesion (seeded per scan by ``(seed, id)``), so the painted CMBs have the real ones'
             spread of contrast. Ignored by generators without codes and by ``pseudo_healthy``.
+        mask_options: more keyword arguments of the mask sampler (``RandLesionMaskd``) for scans without a mask,
+            as in training (train.yaml's ``lesion_mask_options``, e.g. ``dark_percentile``).
 
     Returns:
         the summary of :func:`cmb_synthesis.data.batch.run_batch` plus ``direction`` (also in
@@ -431,7 +434,7 @@ def run_inference(
 
     def process(job: BatchJob, tmp: dict[str, Path]) -> dict[str, Any]:
         return _synthesise(job, tmp, G, direction, lesion_bank, n_lesions, seed, patch, overlap, device, amp,
-                           estimate_brainmask, contrast_rank)
+                           estimate_brainmask, contrast_rank, mask_options)
 
     return run_batch(jobs, process, out, overwrite=overwrite, input_dirs=(src.parent if src.is_file() else src,),
                      existing=_count_lesions, raise_on_error=raise_on_error, summary_extra={"direction": direction})
