@@ -12,7 +12,7 @@ from monai.utils import set_determinism
 from scipy import ndimage, stats
 
 from cmb_synthesis.synthesis.data import lesion_bank
-from transforms.lesion_mask import LesionBank, RandLesionMaskd, allowed_region
+from transforms.lesion_mask import LesionAllowedRegiond, LesionBank, RandLesionMaskd, allowed_region
 
 SHAPE = (56, 52, 36)
 AFF = torch.diag(torch.tensor([0.98, 0.98, 1.0, 1.0], dtype=torch.float64))
@@ -161,6 +161,33 @@ def test_dark_structures_and_their_surroundings_get_no_lesion(bank):
     t.set_random_state(2)
     for _ in range(3):
         assert not (t(d)["label"][0].numpy() > 0)[near].any()
+
+
+def test_precomputed_region_gives_the_same_masks_and_is_cached(bank):
+    """LesionAllowedRegiond (deterministic) precomputes what RandLesionMaskd would compute at every call: with
+    ``allowed_key`` the sampler draws the same masks from it, a MONAI CacheDataset keeps it with the volume (the
+    training pipeline), and a region of the wrong shape or an empty one is refused with the file's name."""
+    from monai.data import CacheDataset
+    from monai.transforms import Compose
+
+    d, tissue = _healthy()
+    options = {"dark_percentile": 5.0, "erosion": 1}
+    region = LesionAllowedRegiond(output_key="allowed", **options)
+    pre = region(d)
+    expected = allowed_region(d["brainmask"][0].numpy(), tissue, d["image"][0].numpy(), dark_percentile=5.0)
+    assert pre["allowed"].shape == d["image"].shape and pre["allowed"].dtype == torch.uint8
+    np.testing.assert_array_equal(pre["allowed"][0].numpy() > 0, expected)
+    own = RandLesionMaskd(bank=bank, **options).set_random_state(3)
+    cached = RandLesionMaskd(bank=bank, allowed_key="allowed", **options).set_random_state(3)
+    for _ in range(3):
+        assert torch.equal(own(d)["label"].as_tensor(), cached(pre)["label"].as_tensor())
+    ds = CacheDataset([d], Compose([cached.region, cached]), progress=False)
+    assert "allowed" in ds._cache[0] and "label" not in ds._cache[0]  # cached up to the random sampler
+    assert (ds[0]["label"] > 0).any()
+    with pytest.raises(ValueError, match="healthy_swi.nii.gz: allowed region shape"):
+        cached({**pre, "allowed": pre["allowed"][:, :-1]})
+    with pytest.raises(ValueError, match="healthy_swi.nii.gz: no allowed tissue"):
+        cached({**pre, "allowed": torch.zeros_like(pre["allowed"])})
 
 
 def test_reproducible_by_seed(bank):

@@ -105,7 +105,8 @@ def healthy_patch_transforms(
     bank: Any, patch_size: Sequence[int], n_lesions: int | None = None, crops_per_mask: int = 1,
     mask_options: Mapping[str, Any] | None = None,
 ) -> Compose:
-    """Random part for healthy volumes: sample a lesion mask into ``label``, then ``crops_per_mask`` patches,
+    """For healthy volumes: the region where lesions may lie (deterministic, so a ``CacheDataset`` keeps it with the
+    volume), then the random part: sample a lesion mask into ``label``, then ``crops_per_mask`` patches,
     each centred on a random voxel of the sampled lesions (one mask sample serves several crops because
     sampling is the costly step). Returns a list of ``crops_per_mask`` dicts. ``mask_options``: more keyword
     arguments of :class:`transforms.lesion_mask.RandLesionMaskd` (e.g. ``dark_percentile``).
@@ -114,11 +115,14 @@ def healthy_patch_transforms(
     every patch (a weighted crop restricted to fully-inside centres would degenerate to a uniform draw when
     the patch spans a whole axis, as the paper's 160 x 146 x 32 does on 160 x 146 planes).
     """
+    sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank,
+                              n_lesions=n_lesions, allowed_key="lesion_allowed", **dict(mask_options or {}))
     return Compose(
         [
-            RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=bank, n_lesions=n_lesions,
-                            **dict(mask_options or {})),
-            DeleteItemsd(keys="tissue"),  # not needed any more; uncropped items would be copied per crop
+            sampler.region,  # deterministic: a CacheDataset computes the allowed region once per volume
+            sampler,
+            # not needed any more; uncropped items would be copied per crop
+            DeleteItemsd(keys=("tissue", "lesion_allowed")),
             _crop(patch_size, pos=1.0, neg=0.0, num_samples=crops_per_mask),
         ]
     )
