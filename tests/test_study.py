@@ -57,8 +57,9 @@ def test_study_yaml_lists_run_study_and_stacks_each_bundles_configs(preset):
     assert p.get_parsed_content("run_study#detection_overrides") == ({} if preset == "paper" else {"max_epochs": 8})
     # CPU presets: the synthesis stages validate once, at the end, on 4 patches per volume (the study uses the final
     # G_HP)
+    synthesis_epochs = ConfigParser.load_config_file(str(REPO / "bundles/cmb_synthesis/configs/train.yaml"))["max_epochs"]
     assert p.get_parsed_content("run_study#synthesis_overrides") == (
-        {} if preset == "paper" else {"val_patches_per_volume": 4, "val_interval": 20})
+        {} if preset == "paper" else {"val_patches_per_volume": 4, "val_interval": synthesis_epochs})
     # the preset's own phantom cohort, generated lazily (not here)
     folder = {"cpu": "phantom", "paper": "phantom_paper", "benchmark": "phantom_benchmark"}[preset]
     assert p.get_parsed_content("dataset_dir").endswith("/" + folder)

@@ -215,6 +215,9 @@ def test_smooth_painting_and_mask_placement_are_config_values():
     assert on.get_parsed_content("lesion_mask_options") == {"dark_percentile": 5.0}
     assert on.get("train#dataset#mask_options") == "@lesion_mask_options"
     assert "mask_options=@lesion_mask_options" in on.get("validate#items")
+    # the realism split sets both the painted shapes and the real lesions they are compared with
+    assert on.get("realism_split") == "validation"
+    assert "split=@realism_split" in on.get("val_lesion_bank") and "@realism_split" in on.get("validate#realism_reference")
     inference = ConfigParser()
     inference.read_config([str(CONFIGS / "train.yaml"), str(CONFIGS / "inference.yaml")])
     assert inference.get("run_inference#mask_options") == "@lesion_mask_options"
