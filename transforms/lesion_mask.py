@@ -78,6 +78,13 @@ def allowed_region(
     return allowed
 
 
+def _require_some(allowed: np.ndarray, name: str) -> np.ndarray:
+    """``allowed`` itself, or a ValueError naming the file when no voxel is allowed."""
+    if not allowed.any():
+        raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small, all CSF or all dark)")
+    return allowed
+
+
 class LesionAllowedRegiond(MapTransform):
     """Where lesions may be placed (:func:`allowed_region`), as a deterministic dictionary transform.
 
@@ -135,9 +142,7 @@ class LesionAllowedRegiond(MapTransform):
             bm, tissue, image, self.allowed_tissue, self.erosion, self.csf_percentile, self.csf_dilation,
             self.dark_percentile, self.dark_gap, self.dark_smoothing,
         )
-        if not allowed.any():
-            raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small, all CSF or all dark)")
-        return allowed
+        return _require_some(allowed, name)
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
@@ -250,8 +255,7 @@ class RandLesionMaskd(Randomizable, MapTransform):
             allowed = _spatial(d[self.allowed_key]) > 0
             if allowed.shape != _spatial(img).shape:
                 raise ValueError(f"{name}: allowed region shape {allowed.shape} != image shape {_spatial(img).shape}")
-            if not allowed.any():
-                raise ValueError(f"{name}: no allowed tissue for lesions (brain mask too small, all CSF or all dark)")
+            _require_some(allowed, name)
         else:
             allowed = self.region.region(d)
         bm = _spatial(d[self.brainmask_key])

@@ -37,7 +37,7 @@ from monai.transforms import Compose, DeleteItemsd, FgBgToIndicesd, Lambdad, Ran
 from monai.utils import MAX_SEED
 
 from cmb_synthesis.data.datalist import load_groups, load_split, split_groups
-from transforms.lesion_mask import LesionBank, RandLesionMaskd
+from transforms.lesion_mask import LesionAllowedRegiond, LesionBank, RandLesionMaskd
 from transforms.pipelines import preprocessing
 
 logger = logging.getLogger(__name__)
@@ -283,13 +283,17 @@ def validation_patches(
     """
     healthy, patho = load_groups(datalist, split)
     pre = _preprocessing(healthy + patho)
-    h_rand = healthy_patch_transforms(bank, patch_size, n_lesions, mask_options=mask_options)
+    # the deterministic allowed region once per volume, the random steps per patch (the same seeds as the whole
+    # Compose: set_random_state seeds only its random transforms, in order)
+    h_steps = healthy_patch_transforms(bank, patch_size, n_lesions, mask_options=mask_options).transforms
+    region = [t for t in h_steps if isinstance(t, LesionAllowedRegiond)]
+    h_rand = Compose([t for t in h_steps if not isinstance(t, LesionAllowedRegiond)])
     p_rand = Compose([_crop(patch_size, pos=1.0, neg=0.0)])  # validation: lesion-centred only
     h_rand.set_random_state(seed)
     p_rand.set_random_state(seed + 1)
     h_patches, p_patches = [], []
     for item in healthy:
-        vol = pre(dict(item))
+        vol = Compose(region)(pre(dict(item)))
         for _ in range(patches_per_volume):
             h_patches.append(_as_plain(_first(h_rand(dict(vol)))))  # a fresh mask per patch
     for item in patho:
