@@ -108,3 +108,78 @@ def test_progress_lines_count_stages_and_give_elapsed_and_remaining_time(tmp_pat
     assert lines[4] == f"[1/3] a: cached ({again.folder(a).name})"
     assert lines[5].startswith("[2/3] c: running") and lines[6].startswith("[2/3] c: done in")
     assert calls == ["a", "b", "c"]
+
+
+def test_stages_run_on_demand_and_a_record_without_weights_resumes(tmp_path):
+    """Asking for a finished stage visits nothing upstream; a stage whose declared outputs are gone (a record
+    kept without its weights) is redone when something downstream needs it, and only then."""
+    calls: list[str] = []
+
+    def stage(name, depends=(), outputs=("out.txt",)):
+        def run(folder: Path):
+            calls.append(name)
+            (folder / "out.txt").write_text(name)
+            (folder / "weights.bin").write_bytes(b"w")
+            return {"name": name}
+
+        return Stage(name, {"n": name}, run, depends=depends, outputs=list(outputs))
+
+    train = stage("train", outputs=("out.txt", "weights.bin"))
+    evaluate = stage("evaluate", depends=[train])
+    runner = StageRunner(tmp_path, log=lambda s: None)
+    assert runner.plan([evaluate]) == (2, 2)
+    assert runner(evaluate) == {"name": "evaluate"} and calls == ["train", "evaluate"]   # dependencies first
+
+    (runner.folder(train) / "weights.bin").unlink()      # the committed record: weights not kept
+    again = StageRunner(tmp_path, log=lambda s: None)
+    assert not again.is_done(train) and again.is_done(evaluate)
+    assert again.plan([evaluate]) == (1, 0)
+    assert again(evaluate) == {"name": "evaluate"} and calls == ["train", "evaluate"]     # train not needed
+
+    (runner.folder(evaluate) / "out.txt").unlink()       # now the evaluation is incomplete: both are redone
+    lines: list[str] = []
+    third = StageRunner(tmp_path, log=lines.append)
+    assert third.plan([evaluate]) == (2, 2)
+    third(evaluate)
+    assert calls == ["train", "evaluate", "train", "evaluate"]
+    assert any("lacks out.txt" in line for line in lines)
+
+
+def test_a_stage_that_does_not_write_its_outputs_fails(tmp_path):
+    runner = StageRunner(tmp_path, log=lambda s: None)
+    st = Stage("lazy", {}, lambda folder: {}, outputs=["model.pt"])
+    with pytest.raises(RuntimeError, match="without its outputs"):
+        runner(st)
+    assert not runner.is_done(st)
+
+
+def test_runners_side_by_side_run_a_shared_stage_once(tmp_path):
+    """Two threads (as the study's workers) asking for stages with a shared dependency: it runs once, the
+    other runner waits on its lock and finds it finished."""
+    import threading
+    import time
+
+    calls: list[str] = []
+    gate = threading.Barrier(2)
+
+    def shared_run(folder: Path):
+        calls.append("shared")
+        time.sleep(0.3)
+        (folder / "out.txt").write_text("shared")
+        return {}
+
+    shared = Stage("shared", {}, shared_run, outputs=["out.txt"])
+    tops = [_counting_stage(f"top{i}", {"x": i}, calls, depends=[shared]) for i in range(2)]
+    runner = StageRunner(tmp_path, log=lambda s: None, parallel=2)
+
+    def ask(st):
+        gate.wait()
+        runner(st)
+
+    threads = [threading.Thread(target=ask, args=(t,)) for t in tops]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert calls.count("shared") == 1 and sorted(calls[1:]) == ["top0", "top1"]
+    assert runner.done == 4 and runner.n_ran == 3

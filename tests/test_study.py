@@ -115,10 +115,13 @@ def test_paper_preset_runs_of_trained_models_get_the_training_configs_and_overri
             for it in healthy:
                 for suffix in ("_synthetic.nii.gz", "_synthetic_cmb.nii.gz"):
                     (out / f"{it['id']}{suffix}").write_bytes(b"")
+        if run_id == "training":  # the weights the detector stage declares as its output
+            (Path(overrides["ckpt_dir"])).mkdir(parents=True, exist_ok=True)
+            (Path(overrides["ckpt_dir"]) / "model.pt").write_bytes(b"")
         if run_id == "evaluating":
             raise Stop
 
-    monkeypatch.setattr(runner, "_launcher", lambda in_process: launch)
+    monkeypatch.setattr(runner, "_launcher", lambda in_process, threads=None: launch)
     syn_b, det_b = REPO / "bundles" / "cmb_synthesis", REPO / "bundles" / "cmb_detection"
     models = tmp_path / "syn_models"
     models.mkdir()

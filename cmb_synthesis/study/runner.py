@@ -29,6 +29,7 @@ network that was trained. Entry point: ``bundles/cmb_detection/configs/study.yam
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ import platform
 import shutil
 import subprocess
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,7 @@ def run_study(
     in_process: bool = False,
     preset: str = "cpu",
     quick: bool = False,
+    workers: int = 1,
 ) -> dict[str, Any]:
     """Run (or resume) the learning-curve study; returns the content of ``results.json``.
 
@@ -197,9 +200,17 @@ def run_study(
         arms: ``(training_data, cda)`` pairs; default the paper's six.
         in_process: run bundles in this process (faster start, used by the tests) instead of subprocesses.
         preset, quick: recorded in ``results.json`` (the budgets they select are set by ``study.yaml``).
+        workers: (K, seed) runs trained side by side (threads launching subprocesses, each with
+            ``OMP_NUM_THREADS`` = cores / workers); the results do not depend on it. 1: one at a time.
+
+    Stages run on demand (:class:`~cmb_synthesis.study.stages.StageRunner`): an evaluation found finished
+    needs neither its detector's nor the synthesis model's weights, so the study's small files (``stage.json``,
+    ``metrics.json``, ``candidates.csv``, datalists) without any weights resume it in another checkout at the
+    same path, e.g. a committed ``--output_dir`` under ``docs/results/study/``.
 
     Raises:
-        ValueError: K values out of range for the cohort, unknown arms, fewer than one repeat.
+        ValueError: K values out of range for the cohort, unknown arms, fewer than one repeat, ``workers > 1``
+            with ``in_process``.
     """
     out = Path(output_dir).resolve()  # stage datalists hold absolute paths (a relative one would resolve twice)
     out.mkdir(parents=True, exist_ok=True)
@@ -228,84 +239,120 @@ def run_study(
     # machinery and this runner's stage functions); report.py only renders results, so editing it redoes nothing
     here = Path(__file__).resolve().parent
     code = [here / "protocol.py", here / "stages.py", here / "runner.py"]
-    per_run = 1 + (int(strict) + 1 if needs_synthesis else 0) + 2 * len(arms)
-    runner = StageRunner(out, total=per_run * len(ks) * len(seeds))
     cache_dir = out / "cache" / "candidates"
-    launch = _launcher(in_process)
+    workers = max(1, int(workers))
+    if workers > 1 and in_process:
+        raise ValueError("workers > 1 runs stages side by side in subprocesses: it needs in_process = false")
+    # runs side by side share the cores: one OMP thread each per available core share (never oversubscribed)
+    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    launch = _launcher(in_process, threads)
 
-    runs: list[dict[str, Any]] = []
-    scan_res: dict[tuple[str, str, int], list[ScanResult]] = {}   # (K, arm, seed) -> test results
-    froc_metrics: dict[str, Any] = {}
+    # 1. every (seed, K) run's stages, keyed by their inputs before anything runs; the datalists first (cheap,
+    #    and the K = all one is shared by every seed)
+    blocks: list[dict[str, Any]] = []
     for rseed in seeds:
         subsets = nested_subsets(all_ids, ks, rseed)
         for k in ks:
-            kl = k_label(k)
-            keep = subsets[kl]
+            keep = subsets[k_label(k)]
 
             def make_subset(folder: Path, keep=keep) -> dict[str, Any]:
                 return subset_datalist(datalist, folder / "datalist.json", keep_ids=keep)
 
             # keyed by the scans kept: the K = all datalist is shared by every seed
-            st_data = Stage("datalist", {"pathological_ids": keep}, make_subset, files=[datalist])
-            counts = runner(st_data)
-            sub_list = runner.folder(st_data) / "datalist.json"
+            st_data = Stage("datalist", {"pathological_ids": keep}, make_subset, files=[datalist],
+                            outputs=["datalist.json"])
+            blocks.append({"seed": rseed, "k": k, "keep": keep, "st_data": st_data})
+    runner = StageRunner(out, total=None, parallel=workers)
+    for b in blocks:
+        b["counts"] = runner(b["st_data"])
+        b["sub_list"] = runner.folder(b["st_data"]) / "datalist.json"
 
-            synthesis: dict[str, Any] = {"strict": strict}
-            synthetic_dir, n_synthetic, st_synth = None, 0, None
-            if needs_synthesis:
-                if not strict:
-                    syn_models = Path(synthesis_ckpt_dir).resolve()
-                    syn_key_stage: Sequence[Stage] = [st_data]
-                    syn_files = [syn_models]
-                    synthesis.update(models=str(syn_models), pathological_ids=None,
-                                     note="synthesis_ckpt_dir reused for every K: not the strict protocol")
-                else:
-                    def train_synthesis(folder: Path, rseed=rseed, sub_list=sub_list) -> dict[str, Any]:
-                        # the datalist this run trains on, kept in the stage folder with the ids it holds
-                        own = folder / "datalist.json"
-                        shutil.copyfile(sub_list, own)
-                        launch(syn_train, "training", {
-                            **syn_over, "bundle_root": str(syn_b), "datalist": str(own),
-                            "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"), "seed": rseed},
-                            folder / "log.txt")
-                        ids = training_ids(own)
-                        return {"models": str(folder / "models"), "datalist": str(own),
-                                "pathological_ids": ids["pathological"], "healthy_ids": ids["healthy"]}
+    for b in blocks:
+        rseed, st_data, sub_list = b["seed"], b["st_data"], b["sub_list"]
+        synthesis: dict[str, Any] = {"strict": strict}
+        st_syn = st_synth = None
+        if needs_synthesis:
+            if not strict:
+                syn_models = Path(synthesis_ckpt_dir).resolve()
+                syn_key_stages: list[Stage] = [st_data]
+                syn_files: list[Any] = [syn_models]
+                synthesis.update(models=str(syn_models), pathological_ids=None,
+                                 note="synthesis_ckpt_dir reused for every K: not the strict protocol")
+            else:
+                def train_synthesis(folder: Path, rseed=rseed, sub_list=sub_list) -> dict[str, Any]:
+                    # the datalist this run trains on, kept in the stage folder with the ids it holds
+                    own = folder / "datalist.json"
+                    shutil.copyfile(sub_list, own)
+                    launch(syn_train, "training", {
+                        **syn_over, "bundle_root": str(syn_b), "datalist": str(own),
+                        "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"), "seed": rseed},
+                        folder / "log.txt")
+                    ids = training_ids(own)
+                    return {"models": str(folder / "models"), "datalist": str(own),
+                            "pathological_ids": ids["pathological"], "healthy_ids": ids["healthy"]}
 
-                    st_syn = Stage("synthesis-train", {"seed": rseed, "overrides": syn_over}, train_synthesis,
-                                   depends=[st_data], files=[*syn_train, *code])
-                    syn_result = runner(st_syn)
-                    syn_models = Path(syn_result["models"])
-                    syn_key_stage, syn_files = [st_syn], []
-                    synthesis.update(models=str(syn_models), stage=runner.folder(st_syn).name,
-                                     pathological_ids=syn_result["pathological_ids"],
-                                     healthy_ids=syn_result["healthy_ids"])
-                st_synth = _synthesise_stage(launch, syn_inf, syn_b, syn_over, sub_list, syn_models, rseed,
-                                             max(1, int(round(synthetic_per_real * counts["n_real_pathological"]))),
-                                             depends=[st_data, *syn_key_stage], files=[*syn_inf, *syn_files, *code])
-                synth = runner(st_synth)
-                synthetic_dir, n_synthetic = synth["synthetic_dir"], synth["n_synthetic"]
+                st_syn = Stage("synthesis-train", {"seed": rseed, "overrides": syn_over}, train_synthesis,
+                               depends=[st_data], files=[*syn_train, *code],
+                               outputs=["datalist.json", "models/G_HP.pt", "models/lesion_bank.npz"])
+                syn_models = runner.folder(st_syn) / "models"
+                syn_key_stages, syn_files = [st_syn], []
+                ids = training_ids(sub_list)   # what the stage trains on: a copy of this datalist
+                synthesis.update(models=str(syn_models), stage=runner.folder(st_syn).name,
+                                 pathological_ids=ids["pathological"], healthy_ids=ids["healthy"])
+            n_needed = max(1, int(round(synthetic_per_real * b["counts"]["n_real_pathological"])))
+            st_synth = _synthesise_stage(launch, syn_inf, syn_b, syn_over, sub_list, syn_models, rseed, n_needed,
+                                         depends=[st_data, *syn_key_stages], files=[*syn_inf, *syn_files, *code])
+        b["synthesis"], b["st_syn"], b["st_synth"] = synthesis, st_syn, st_synth
+        b["evals"] = {arm_name(td, cda): _detector_stages(
+            runner, launch, det_train, det_eval, det_b, det_over, sub_list, st_synth, cache_dir, n_bootstrap, td,
+            cda, rseed, depends=[st_data] + ([st_synth] if td != "real" else []), code=code) for td, cda in arms}
 
-            arm_metrics: dict[str, Any] = {}
-            for td, cda in arms:
-                name = arm_name(td, cda)
-                ev = _detector_stages(runner, launch, det_train, det_eval, det_b, det_over, sub_list, synthetic_dir,
-                                      cache_dir, n_bootstrap, td, cda, rseed,
-                                      depends=[st_data] + ([st_synth] if td != "real" else []), code=code)
-                metrics = json.loads(Path(ev["metrics"]).read_text())
-                arm_metrics[name] = metrics
-                scan_res[(kl, name, rseed)] = scan_results(ev["candidates"], sub_list, "test")
-            if k is None and rseed == seeds[0]:
-                froc_metrics = arm_metrics
-            runs.append({
-                "k": kl, "seed": rseed, "counts": {c: counts[c] for c in ("n_real_pathological", "n_healthy",
-                                                                           "n_validation", "n_test")},
-                "pathological_ids": counts["pathological_ids"], "healthy_ids": counts["healthy_ids"],
-                "synthesis": synthesis, "n_synthetic": n_synthetic,
-                "arms": {n: _summary(m) for n, m in arm_metrics.items()},
-                "stages": {"datalist": runner.folder(st_data).name,
-                           **({"synthesise": runner.folder(st_synth).name} if st_synth is not None else {})},
-            })
+    # 2. ask for every evaluation; a finished one needs nothing upstream (its detector, the synthesis model), so
+    #    a copy of the finished stages without their weights resumes the study
+    visits, to_run = runner.plan([ev for b in blocks for ev in b["evals"].values()])
+    runner.total, runner.to_run = runner.done + visits, to_run
+    print(f"study: {len(blocks)} runs (K x seed), {to_run} of {visits} stages to run"
+          + (f", {workers} side by side with OMP_NUM_THREADS={threads}" if workers > 1 else ""), flush=True)
+
+    def finish(b: dict[str, Any]) -> None:
+        try:
+            for ev in b["evals"].values():
+                runner(ev)
+        except Exception as e:  # said at once: with workers > 1 the other runs go on until the pool drains
+            print(f"study: the run K = {k_label(b['k'])}, seed {b['seed']} failed: {e}", flush=True)
+            raise
+
+    if workers > 1:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for f in [pool.submit(finish, b) for b in blocks]:
+                f.result()
+    else:
+        for b in blocks:
+            finish(b)
+
+    runs: list[dict[str, Any]] = []
+    scan_res: dict[tuple[str, str, int], list[ScanResult]] = {}   # (K, arm, seed) -> test results
+    froc_metrics: dict[str, Any] = {}
+    for b in blocks:
+        rseed, k, kl, counts = b["seed"], b["k"], k_label(b["k"]), b["counts"]
+        arm_metrics: dict[str, Any] = {}
+        for name, ev in b["evals"].items():
+            folder = runner.folder(ev)
+            arm_metrics[name] = json.loads((folder / "metrics.json").read_text())
+            scan_res[(kl, name, rseed)] = scan_results(folder / "candidates.csv", b["sub_list"], "test")
+        if k is None and rseed == seeds[0]:
+            froc_metrics = arm_metrics
+        runs.append({
+            "k": kl, "seed": rseed, "counts": {c: counts[c] for c in ("n_real_pathological", "n_healthy",
+                                                                       "n_validation", "n_test")},
+            "pathological_ids": counts["pathological_ids"], "healthy_ids": counts["healthy_ids"],
+            "synthesis": b["synthesis"],
+            "n_synthetic": (b["st_synth"].params["n_needed"] if b["st_synth"] is not None else 0),
+            "arms": {n: _summary(m) for n, m in arm_metrics.items()},
+            "stages": {"datalist": runner.folder(b["st_data"]).name,
+                       **({"synthesise": runner.folder(b["st_synth"]).name} if b["st_synth"] is not None else {}),
+                       **{f"evaluate-{n}": runner.folder(ev).name for n, ev in b["evals"].items()}},
+        })
 
     names = [arm_name(td, c) for td, c in arms]
     learning_curve: dict[str, Any] = {}
@@ -398,18 +445,24 @@ def _synthesise_stage(launch: "Launcher", syn_inf: Sequence[str], syn_b: Path, s
         write_json({"name": "synthetic pathological scans", "training": items}, folder / "datalist.json")
         return {"synthetic_dir": str(folder), "n_synthetic": len(items)}
 
+    def outputs(folder: Path) -> list[str]:
+        items = json.loads((folder / "datalist.json").read_text())["training"]
+        return ["datalist.json"] + [str(Path(it[key]).relative_to(folder)) for it in items for key in ("image", "label")]
+
     return Stage("synthesise", {"seed": rseed, "n_needed": n_needed, "overrides": dict(syn_over)}, synthesise,
-                 depends=depends, files=files)
+                 depends=depends, files=files, outputs=outputs)
 
 
 def _detector_stages(runner: StageRunner, launch: "Launcher", det_train: Sequence[str], det_eval: Sequence[str],
-                     det_b: Path, det_over: Mapping[str, Any], sub_list: Path, synthetic_dir: str | None,
+                     det_b: Path, det_over: Mapping[str, Any], sub_list: Path, st_synth: Stage | None,
                      cache_dir: Path, n_bootstrap: int, td: str, cda: bool, rseed: int, depends: Sequence[Stage],
-                     code: Sequence[Path]) -> dict[str, Any]:
-    """Train one arm's detector and evaluate it on the test split (two stages); returns the evaluation's files."""
+                     code: Sequence[Path]) -> Stage:
+    """One arm's two stages, training its detector and evaluating it on the test split; returns the evaluation
+    stage (which depends on the training stage: asking for it trains the detector when needed)."""
     name = arm_name(td, cda)
 
     def train_detector(folder: Path) -> dict[str, Any]:
+        synthetic_dir = str(runner.folder(st_synth)) if td != "real" and st_synth is not None else None
         launch(det_train, "training", {
             **det_over, "bundle_root": str(det_b), "datalist": str(sub_list), "training_data": td, "cda": cda,
             "synthetic_dir": synthetic_dir, "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"),
@@ -417,28 +470,28 @@ def _detector_stages(runner: StageRunner, launch: "Launcher", det_train: Sequenc
         return {"model": str(folder / "models" / "model.pt")}
 
     st_tr = Stage(f"detector-{name}", {"training_data": td, "cda": cda, "seed": rseed, "overrides": dict(det_over)},
-                  train_detector, depends=depends, files=[*det_train, *code])
-    model = runner(st_tr)["model"]
+                  train_detector, depends=depends, files=[*det_train, *code], outputs=["models/model.pt"])
 
     def evaluate_detector(folder: Path) -> dict[str, Any]:
         launch(det_eval, "evaluating", {
-            **det_over, "bundle_root": str(det_b), "datalist": str(sub_list), "model_path": model,
+            **det_over, "bundle_root": str(det_b), "datalist": str(sub_list),
+            "model_path": str(runner.folder(st_tr) / "models" / "model.pt"),
             "output_dir": str(folder), "cache_dir": str(cache_dir), "n_bootstrap": n_bootstrap,
             "seed": rseed, "training_data": td, "cda": cda}, folder / "log.txt")
         return {"metrics": str(folder / "metrics.json"), "candidates": str(folder / "candidates.csv")}
 
-    st_ev = Stage(f"evaluate-{name}", {"seed": rseed, "n_bootstrap": n_bootstrap, "overrides": dict(det_over)},
-                  evaluate_detector, depends=[st_tr], files=[*det_eval, *code])
-    return runner(st_ev)
+    return Stage(f"evaluate-{name}", {"seed": rseed, "n_bootstrap": n_bootstrap, "overrides": dict(det_over)},
+                 evaluate_detector, depends=[st_tr], files=[*det_eval, *code], outputs=["metrics.json", "candidates.csv"])
 
 
 Launcher = Callable[[Sequence[str], str, Mapping[str, Any], Path], None]
 
 
-def _launcher(in_process: bool) -> Launcher:
-    """``launch(config_files, run_id, overrides, log_file)``: a bundle run in a subprocess or in this process."""
+def _launcher(in_process: bool, threads: int | None = None) -> Launcher:
+    """``launch(config_files, run_id, overrides, log_file)``: a bundle run in a subprocess (with
+    ``OMP_NUM_THREADS=threads`` when given) or in this process."""
     if not in_process:
-        return run_bundle
+        return functools.partial(run_bundle, threads=threads)
 
     def launch(config_files: Sequence[str], run_id: str, overrides: Mapping[str, Any], log_file: Path) -> None:
         Path(log_file).write_text(f"in-process: {run_id} {list(config_files)} {json.dumps(overrides, default=str)}\n")

@@ -5,6 +5,13 @@ result: its own parameters, the keys of the stages it consumes, and the bytes of
 runs. A finished stage writes ``stage.json`` last; a folder without it is an interrupted attempt and is redone.
 Rerunning a pipeline after a change therefore redoes only the stages whose inputs changed, and a pipeline
 killed half-way resumes from the last finished stage.
+
+Stages run on demand: :class:`StageRunner` runs a stage's unfinished dependencies first and never visits the
+dependencies of a finished stage, so a pipeline asks only for its end products (the evaluations) and a copy of
+the finished stages' small files (without the weights they consumed) is enough to resume it elsewhere. A stage
+that names its ``outputs`` counts as finished only while they exist (a record whose weights were not kept is
+redone when something downstream needs it). A lock file per stage lets several runners (threads or processes)
+share one stage folder: a stage runs once, the others wait for it.
 """
 
 from __future__ import annotations
@@ -16,11 +23,14 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from cmb_synthesis.data.io import write_json
 from cmb_synthesis.progress import format_seconds
@@ -65,8 +75,12 @@ class Stage:
         name: short name, also the folder prefix (``<name>-<hash12>``).
         params: JSON-serialisable parameters that determine the result.
         run: ``run(workdir: Path) -> dict`` doing the work inside ``workdir`` and returning a JSON summary.
-        depends: stages whose outputs this one reads (their keys enter the hash).
+        depends: stages whose outputs this one reads (their keys enter the hash); the runner finishes them
+            first.
         files: config/code files whose bytes enter the hash.
+        outputs: files (relative to the stage folder) that must exist for a finished stage to count as
+            finished, e.g. ``["models/model.pt"]``; a callable ``outputs(folder) -> list[str]`` for outputs
+            known only after the run (read from a file the stage wrote). Not part of the key.
     """
 
     name: str
@@ -74,6 +88,7 @@ class Stage:
     run: Callable[[Path], Mapping[str, Any]]
     depends: Sequence["Stage"] = ()
     files: Sequence[str | os.PathLike] = ()
+    outputs: Sequence[str] | Callable[[Path], Sequence[str]] = ()
     _key: str | None = field(default=None, init=False, repr=False)
 
     @property
@@ -91,67 +106,134 @@ class Stage:
             self._key = hashlib.sha256(payload.encode()).hexdigest()[:12]
         return self._key
 
+    def missing_outputs(self, folder: Path) -> list[str]:
+        """The declared outputs absent from ``folder`` (relative paths)."""
+        try:
+            names = self.outputs(folder) if callable(self.outputs) else self.outputs
+        except (OSError, ValueError, KeyError) as e:  # the file listing the outputs is gone or unreadable
+            return [f"(outputs unreadable: {e})"]
+        return [str(n) for n in names if not (folder / n).exists()]
+
 
 class StageRunner:
-    """Runs stages under ``root/stages/`` and prints progress with an ETA.
+    """Runs stages under ``root/stages/`` on demand and prints progress with an ETA.
+
+    ``runner(stage)`` returns the stage's summary: from its ``stage.json`` when it is finished (and its declared
+    outputs exist), else after running its unfinished dependencies and then the stage. Thread- and
+    process-safe: a stage is run under a lock file (``root/locks/<folder name>.lock``), and a runner that
+    waited for another one finds the stage finished.
 
     Args:
         root: the study output folder.
-        total: number of stages expected (for the progress line and ETA), ``None`` if unknown.
+        total: number of stages expected (for the progress line and ETA), ``None`` if unknown; see
+            :meth:`plan` for the number a set of targets will visit.
         log: callable receiving progress lines (default: ``logging`` at INFO and ``print``).
+        parallel: stages expected to run at the same time (divides the remaining-time estimate).
     """
 
-    def __init__(self, root: str | os.PathLike, total: int | None = None, log: Callable[[str], None] | None = None):
+    def __init__(self, root: str | os.PathLike, total: int | None = None, log: Callable[[str], None] | None = None,
+                 parallel: int = 1):
         self.root = Path(root)
         (self.root / "stages").mkdir(parents=True, exist_ok=True)
+        (self.root / "locks").mkdir(parents=True, exist_ok=True)
         self.total = total
+        self.to_run: int | None = None
+        self.parallel = max(1, int(parallel))
         self.done = 0
         self.t0 = time.monotonic()
         self.spent_running = 0.0
         self.n_ran = 0
+        self._count = threading.Lock()
         self._log = log or (lambda s: (logger.info(s), print(s, flush=True)))
 
     def folder(self, stage: Stage) -> Path:
         return self.root / "stages" / f"{stage.name}-{stage.key}"
 
     def is_done(self, stage: Stage) -> bool:
-        return (self.folder(stage) / DONE_FILE).is_file()
+        """``stage.json`` written and every declared output present."""
+        folder = self.folder(stage)
+        return (folder / DONE_FILE).is_file() and not stage.missing_outputs(folder)
 
     def result(self, stage: Stage) -> dict[str, Any]:
         return json.loads((self.folder(stage) / DONE_FILE).read_text())["result"]
 
+    def plan(self, targets: Iterable[Stage]) -> tuple[int, int]:
+        """``(visits, to_run)`` for asking ``targets`` in order: the stages :meth:`__call__` will visit (each
+        once) and how many of them are unfinished now."""
+        seen: set[str] = set()
+        visits = to_run = 0
+
+        def walk(st: Stage) -> None:
+            nonlocal visits, to_run
+            if st.key in seen:
+                return
+            seen.add(st.key)
+            visits += 1
+            if self.is_done(st):
+                return
+            to_run += 1
+            for d in st.depends:
+                walk(d)
+
+        for t in targets:
+            walk(t)
+        return visits, to_run
+
     def _eta(self) -> str:
         """``elapsed 12m05s, remaining ~1h02m00s``: wall time since the runner started, and the stages still to
-        run times the mean duration of the stages run so far (cached stages cost nothing)."""
+        run times the mean duration of the stages run so far (divided by ``parallel``; cached stages cost
+        nothing)."""
         elapsed = f"elapsed {format_seconds(time.monotonic() - self.t0)}"
-        if self.total is None or self.n_ran == 0:
+        if self.n_ran == 0 or (self.total is None and self.to_run is None):
             return f"{elapsed}, remaining unknown"
-        remaining = max(self.total - self.done, 0)
-        return f"{elapsed}, remaining ~{format_seconds(remaining * self.spent_running / self.n_ran)}"
+        left = self.to_run - self.n_ran if self.to_run is not None else self.total - self.done
+        mean = self.spent_running / self.n_ran
+        return f"{elapsed}, remaining ~{format_seconds(max(left, 0) * mean / self.parallel)}"
+
+    def _position(self) -> str:
+        return f"[{self.done + 1}/{self.total}]" if self.total else f"[{self.done + 1}]"
 
     def __call__(self, stage: Stage) -> dict[str, Any]:
         """Run ``stage`` unless a finished copy with the same key exists; return its summary."""
         folder = self.folder(stage)
-        position = f"[{self.done + 1}/{self.total}]" if self.total else f"[{self.done + 1}]"
         if self.is_done(stage):
-            self.done += 1
-            self._log(f"{position} {stage.name}: cached ({folder.name})")
+            with self._count:
+                self._log(f"{self._position()} {stage.name}: cached ({folder.name})")
+                self.done += 1
             return self.result(stage)
-        if folder.exists():  # an interrupted attempt: start this stage again
-            shutil.rmtree(folder)
-        folder.mkdir(parents=True)
-        self._log(f"{position} {stage.name}: running in {folder} ({self._eta()})")
-        start = time.monotonic()
-        result = dict(stage.run(folder))
-        elapsed = time.monotonic() - start
-        write_json(
-            {"name": stage.name, "key": stage.key, "params": _canonical(stage.params), "seconds": elapsed, "result": result},
-            folder / DONE_FILE,
-        )
-        self.done += 1
-        self.n_ran += 1
-        self.spent_running += elapsed
-        self._log(f"{position} {stage.name}: done in {format_seconds(elapsed)} ({self._eta()})")
+        for dep in stage.depends:
+            self(dep)
+        with FileLock(str(self.root / "locks" / f"{folder.name}.lock")):
+            if self.is_done(stage):  # another runner finished it while this one waited
+                with self._count:
+                    self._log(f"{self._position()} {stage.name}: cached ({folder.name}, run by another runner)")
+                    self.done += 1
+                return self.result(stage)
+            if folder.exists():  # an interrupted attempt, or a record whose outputs are gone: start again
+                missing = stage.missing_outputs(folder) if (folder / DONE_FILE).is_file() else []
+                if missing:
+                    self._log(f"{stage.name}: {folder.name} lacks {', '.join(missing)}: running it again")
+                shutil.rmtree(folder)
+            folder.mkdir(parents=True)
+            with self._count:
+                self._log(f"{self._position()} {stage.name}: running in {folder} ({self._eta()})")
+            start = time.monotonic()
+            result = dict(stage.run(folder))
+            elapsed = time.monotonic() - start
+            write_json(
+                {"name": stage.name, "key": stage.key, "params": _canonical(stage.params), "seconds": elapsed,
+                 "result": result},
+                folder / DONE_FILE,
+            )
+            missing = stage.missing_outputs(folder)
+            if missing:
+                (folder / DONE_FILE).unlink()
+                raise RuntimeError(f"stage {stage.name} ({folder}) finished without its outputs {missing}")
+        with self._count:
+            self.n_ran += 1
+            self.spent_running += elapsed
+            self._log(f"{self._position()} {stage.name}: done in {format_seconds(elapsed)} ({self._eta()})")
+            self.done += 1
         return result
 
 
@@ -182,12 +264,14 @@ def run_bundle(
     overrides: Mapping[str, Any],
     log_file: str | os.PathLike,
     cwd: str | os.PathLike | None = None,
+    threads: int | None = None,
 ) -> None:
     """Run ``python -m monai.bundle run <run_id>`` in a subprocess, logging to ``log_file``.
 
     ``config_files`` are merged in order (an overlay after the configs it extends). Each override becomes
-    ``--key value`` (:func:`command_line_args`: the config receives the value with its type). A failing run
-    raises ``RuntimeError`` with the command and the last lines of its log.
+    ``--key value`` (:func:`command_line_args`: the config receives the value with its type). ``threads`` sets
+    the run's ``OMP_NUM_THREADS`` (runs side by side must not oversubscribe the cores); ``None`` inherits it.
+    A failing run raises ``RuntimeError`` with the command and the last lines of its log.
     """
     files = [str(Path(f).resolve()) for f in config_files]
     config_arg = files[0] if len(files) == 1 else json.dumps(files)
@@ -195,6 +279,8 @@ def run_bundle(
     cmd += command_line_args(overrides)
     env = dict(os.environ)
     env.setdefault("PYTHONUNBUFFERED", "1")
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(int(threads))
     with open(log_file, "w") as log:
         log.write(" ".join(cmd) + "\n")
         log.flush()
