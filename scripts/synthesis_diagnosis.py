@@ -32,7 +32,9 @@ training CMBs' centre at that rank (in ``ranks``).
 ``--edges`` adds what tells a painted lesion from a real one (in ``edges``): per-lesion features of the classifier's
 7^3 patches (centre intensity; edge roughness, the std of the 3-D Laplacian 2-3 voxels from the centre; the spread
 within the shells at 1 and 2 voxels) for the real reference lesions, the painted ones and the healthy input under
-the same masks, each feature's own two-sample AUC and the full-patch AUC (10 CV repetitions).
+the same masks, each feature's own two-sample AUC and the full-patch AUC (10 CV repetitions); where in the patch
+they differ (the standardised mean difference per voxel on the central planes) and the mean along the x, y and z
+lines through the centre.
 
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
@@ -299,6 +301,31 @@ def edges(models_dir: Path, overrides: dict | None = None, n_repeats: int = 10) 
     r = lambda v: round(float(v), 4)  # noqa: E731
     out = {"n": {k: int(len(v)) for k, v in sets.items()},
            "full_patch_auc": r(two_sample_auc(sets["real"], sets["synthetic"], n_repeats=n_repeats)), "features": {}}
+    # where in the 7^3 patch they differ: the standardised mean difference (painted - real) / pooled sd per voxel,
+    # on the three central planes, and each set's mean along the x, y and z lines through the centre (anisotropy)
+    n = round(real.shape[1] ** (1 / 3))
+    cube = {k: v.reshape(-1, n, n, n).astype(np.float64) for k, v in sets.items()}
+    sd = np.sqrt(0.5 * (cube["real"].var(0) + cube["synthetic"].var(0))) + 1e-6
+    smd = (cube["synthetic"].mean(0) - cube["real"].mean(0)) / sd
+    c = n // 2
+    out["standardised_difference"] = {
+        "max_abs": r(np.abs(smd).max()), "argmax_offset_from_centre": [int(i) - c for i in np.unravel_index(np.abs(smd).argmax(), smd.shape)],
+        "plane_xy": np.round(smd[:, :, c], 2).tolist(), "plane_xz": np.round(smd[:, c, :], 2).tolist(),
+        "plane_yz": np.round(smd[c, :, :], 2).tolist()}
+    out["axis_profiles"] = {k: {"x": np.round(v.mean(0)[:, c, c], 3).tolist(), "y": np.round(v.mean(0)[c, :, c], 3).tolist(),
+                                "z": np.round(v.mean(0)[c, c, :], 3).tolist()} for k, v in cube.items()}
+    # the darkness-weighted centroid of the inner 5^3 (weights 1 - intensity, clipped at 0) relative to the label's
+    # centre voxel, in voxels: a painter that paints off the mask's centre shows a mean offset
+    g = np.arange(n) - c
+    inner = (np.abs(g)[:, None, None] <= 2) & (np.abs(g)[None, :, None] <= 2) & (np.abs(g)[None, None, :] <= 2)
+    out["darkness_centroid_offset"] = {}
+    for k, v in cube.items():
+        w = np.clip(1.0 - v, 0.0, None) * inner
+        tot = w.sum((1, 2, 3)) + 1e-9
+        off = np.stack([(w * g[:, None, None]).sum((1, 2, 3)), (w * g[None, :, None]).sum((1, 2, 3)),
+                        (w * g[None, None, :]).sum((1, 2, 3))], 1) / tot[:, None]
+        out["darkness_centroid_offset"][k] = {"mean": np.round(off.mean(0), 3).tolist(),
+                                             "sem": np.round(off.std(0) / np.sqrt(max(len(off), 1)), 3).tolist()}
     for name in feats["real"]:
         out["features"][name] = {
             **{k: {"mean": r(f[name].mean()), "sd": r(f[name].std())} for k, f in feats.items()},
@@ -355,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         for name, f in e["features"].items():
             print(f"{name:15s} real {f['real']['mean']:.3f}  painted {f['synthetic']['mean']:.3f}  healthy input "
                   f"{f['healthy_input']['mean']:.3f}  AUC alone {f['auc_real_vs_synthetic']:.3f}")
+        sm = e["standardised_difference"]
+        print(f"standardised difference painted - real: max |d| {sm['max_abs']} at offset {sm['argmax_offset_from_centre']}")
+        for k, v in e["darkness_centroid_offset"].items():
+            print(f"darkness centroid offset (voxels, x y z) {k:13s} {v['mean']} +- {v['sem']}")
+        for k in ("real", "synthetic"):
+            print(f"{k:10s} mean along x {e['axis_profiles'][k]['x']}  y {e['axis_profiles'][k]['y']}  z {e['axis_profiles'][k]['z']}")
     print(f"written: {dest}")
     return 0
 
