@@ -196,3 +196,17 @@ def test_smooth_peak_paints_the_same_centre_on_a_small_and_a_large_lesion():
                 assert float((out - 0.6)[m[0, 0] == 0].abs().max()) < 0.5  # graded: the edge is lighter than 0.1
     assert centre[False, 1] > centre[False, 4] + 0.3  # the blurred label peaks lower on a small lesion
     assert centre[True, 1] == pytest.approx(centre[True, 4], abs=1e-4) == pytest.approx(0.1, abs=1e-4)
+
+
+def test_cube_max_equals_the_full_max_pool():
+    """The generator's peak normalisation takes the cube maximum in three 1-D passes: the same values as one
+    (2r+1)^3 max pool, borders included, so trained weights behave exactly as before."""
+    import torch.nn.functional as F
+
+    from cmb_synthesis.synthesis.networks import cube_max
+
+    g = torch.Generator().manual_seed(0)
+    for shape, r in (((2, 1, 12, 9, 7), 3), ((1, 2, 5, 6, 4), 1), ((1, 1, 3, 3, 3), 3)):
+        x = torch.rand(shape, generator=g)
+        x = x * (x > 0.8)
+        assert torch.equal(cube_max(x, r), F.max_pool3d(x, kernel_size=2 * r + 1, stride=1, padding=r))
