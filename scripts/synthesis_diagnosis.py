@@ -36,6 +36,9 @@ the same masks, each feature's own two-sample AUC and the full-patch AUC (10 CV 
 they differ (the standardised mean difference per voxel on the central planes) and the mean along the x, y and z
 lines through the centre.
 
+``--centring`` adds where ``G_HP`` paints a ball on a featureless noisy patch (the darkness centroid's offset,
+both parities of the centre): the network's own geometry, apart from the content of real patches.
+
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
 (every CMB of the validation scans) are split into the training split's quantile size bins
@@ -335,6 +338,34 @@ def edges(models_dir: Path, overrides: dict | None = None, n_repeats: int = 10) 
     return out
 
 
+def centring(models_dir: Path, overrides: dict | None = None, seed: int = 0) -> dict:
+    """Where ``G_HP`` paints on a featureless patch: a ball of radius 1.6 voxels at centres of both parities in a
+    noisy uniform 32 x 32 x 16 patch (0.6 +- 0.02); the darkness-weighted centroid (weights input - output,
+    clipped at 0) of the 7^3 around the ball, relative to its centre, in voxels. Near 0 in every axis: the
+    network's geometry is centred, and an offset on real patches comes from their content."""
+    parser = _run_config(models_dir, overrides)
+    G_HP = parser.get_parsed_content("G_HP")
+    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
+    G_HP.eval()
+    shape = (32, 32, 16)
+    grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
+    rng = np.random.default_rng(seed)
+    out = []
+    for cz in (6, 7, 8, 9):
+        for cxy in (15, 16):
+            c = np.array([cxy, cxy, cz], float)
+            ball = ((grid - c) ** 2).sum(-1) <= 1.6 ** 2
+            img = 0.6 + 0.02 * rng.standard_normal(shape)
+            with torch.no_grad():
+                y = G_HP(torch.tensor(img, dtype=torch.float32)[None, None],
+                         torch.tensor(ball, dtype=torch.float32)[None, None])[0, 0].numpy()
+            sl = tuple(slice(int(v) - 3, int(v) + 4) for v in c)
+            w = np.clip(img - y, 0, None)[sl]
+            off = (w[..., None] * (grid[sl] - c)).sum((0, 1, 2)) / max(w.sum(), 1e-9)
+            out.append({"centre": c.astype(int).tolist(), "offset": [round(float(v), 3) for v in off]})
+    return {"balls": out, "mean_offset": np.round(np.mean([b["offset"] for b in out], 0), 3).tolist()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
@@ -344,6 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--composition", action="store_true", help="also the centre ratio split into generator and size composition")
     ap.add_argument("--size_bins", type=int, default=None, help="size bins of --composition (default: the run's profile_size_bins, >= 2)")
     ap.add_argument("--ranks", action="store_true", help="also the painted centre per contrast rank and size bin (a contrast-code run)")
+    ap.add_argument("--centring", action="store_true", help="also where G_HP paints a ball on a featureless patch (offset, voxels)")
     ap.add_argument("--edges", action="store_true", help="also per-lesion features (edge roughness, ...) of real vs painted lesions, with their AUCs")
     a = ap.parse_args(argv)
     overrides = {}
@@ -361,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
         out["ranks"] = ranks(a.models_dir.resolve(), overrides)
     if a.edges:
         out["edges"] = edges(a.models_dir.resolve(), overrides)
+    if a.centring:
+        out["centring"] = centring(a.models_dir.resolve(), overrides)
+        print(f"centring on a featureless patch: mean darkness offset (x y z) {out['centring']['mean_offset']} voxels")
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
