@@ -10,8 +10,10 @@ FROC curve): 72 evaluations would add ~110 MB. ``pack`` stores per evaluation st
   the test scans, the same for every detector; ``packed/candidates-<sha>.csv.gz``) and ``metrics.json`` with the
   FROC curve reduced to its step corners (where the sensitivity changes: the same step curve),
 
-about 50 KB per stage, after checking that ``unpack`` gives back ``candidates.csv`` byte for byte. ``unpack``
-writes ``candidates.csv`` and ``metrics.json`` where they are missing. What the study reads from them (the
+about 90 KB per stage, after checking that ``unpack`` gives back ``candidates.csv`` byte for byte. ``unpack``
+writes ``candidates.csv`` and ``metrics.json`` where they are missing. ``pack`` also makes the paths recorded
+in every ``stage.json`` and in the packed metrics relative to the repository root (the study reads none of them:
+it finds its files by stage key). What the study reads from them (the
 per-scan hits and scores, the summary metrics, the curve of Figure 3) is unchanged.
 
     python scripts/study_records.py pack docs/results/study/benchmark
@@ -71,7 +73,37 @@ def step_corners(curve: dict) -> dict:
     return {k: [v[i] for i in keep] for k, v in curve.items()}
 
 
-def pack(study: Path) -> int:
+def repository_root(path: Path) -> Path:
+    """The nearest folder above ``path`` holding ``.git`` (else the current folder)."""
+    for folder in [path.resolve(), *path.resolve().parents]:
+        if (folder / ".git").exists():
+            return folder
+    return Path.cwd().resolve()
+
+
+def relative_paths(obj, root: Path):
+    """``obj`` with every string naming a path under ``root`` made relative to it (the records' paths are
+    informational: the study finds its files by stage key, so a record read elsewhere is unaffected)."""
+    prefix = str(root).rstrip("/") + "/"
+    if isinstance(obj, dict):
+        return {k: relative_paths(v, root) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [relative_paths(v, root) for v in obj]
+    if isinstance(obj, str) and obj.startswith(prefix):
+        return obj[len(prefix):]
+    return obj
+
+
+def pack(study: Path, root: Path | None = None) -> int:
+    """Pack every finished evaluation of ``study``; make the paths in every ``stage.json`` (and in the packed
+    metrics) relative to ``root`` (default: the repository holding ``study``), so committed records name no
+    machine's folders."""
+    root = repository_root(study) if root is None else Path(root).resolve()
+    for done in sorted((study / "stages").glob("*/stage.json")):
+        record = json.loads(done.read_text())
+        rel = relative_paths(record, root)
+        if rel != record:
+            write_json(rel, done)
     tables = study / "packed"
     n = 0
     for folder in sorted((study / "stages").glob("evaluate-*")):
@@ -88,7 +120,7 @@ def pack(study: Path) -> int:
             with atomic_output(tables / name) as tmp:
                 with gzip.GzipFile(tmp, "wb", mtime=0) as f:
                     f.write(table.encode())
-        metrics = json.loads(metrics_path.read_text())
+        metrics = relative_paths(json.loads(metrics_path.read_text()), root)
         if "curve" in metrics:
             metrics["curve"] = step_corners(metrics["curve"])
             metrics["curve_packed"] = "step corners only (scripts/study_records.py)"

@@ -41,7 +41,11 @@ def test_pack_then_unpack_gives_back_the_candidates_byte_for_byte_and_the_same_s
     _evaluation(b, rng.random(40).astype(np.float32))
     originals = {d: ((d / "candidates.csv").read_bytes(), json.loads((d / "metrics.json").read_text())) for d in (a, b)}
 
-    assert study_records.pack(study) == 2
+    (a / "stage.json").write_text(json.dumps({"name": "evaluate-real", "result": {
+        "metrics": str(a / "metrics.json"), "elsewhere": "/opt/other/file.json"}}))
+    assert study_records.pack(study, root=tmp_path) == 2
+    record = json.loads((a / "stage.json").read_text())["result"]
+    assert record == {"metrics": "study/stages/evaluate-real-aaa/metrics.json", "elsewhere": "/opt/other/file.json"}
     assert len(list((study / "packed").glob("candidates-*.csv.gz"))) == 1   # one table shared by both detectors
     for d in (a, b):
         (d / "candidates.csv").unlink()
