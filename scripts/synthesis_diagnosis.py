@@ -56,6 +56,7 @@ that a generator painting every size exactly like the training lesions would sco
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 from pathlib import Path
 
@@ -70,7 +71,6 @@ from monai.bundle import ConfigParser  # noqa: E402
 from cmb_synthesis.data.io import write_json  # noqa: E402
 import cmb_synthesis.synthesis.realism as R  # noqa: E402
 from cmb_synthesis.synthesis.realism import batch_measurements  # noqa: E402
-from scipy import ndimage  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,42 +371,6 @@ def centring(models_dir: Path, overrides: dict | None = None, seed: int = 0) -> 
     return {"balls": out, "mean_offset": np.round(np.mean([b["offset"] for b in out], 0), 3).tolist()}
 
 
-_ORIGINAL_MEASUREMENTS = None
-
-
-def _subvoxel_measurements(image, mask, brainmask=None, max_radius=4, ring=(5.0, 7.0), patch_radius=3, return_sizes=False):
-    out = _ORIGINAL_MEASUREMENTS(image, mask, brainmask, max_radius, ring, patch_radius, return_sizes=True)
-    """:func:`cmb_synthesis.synthesis.realism.lesion_measurements` with each classifier patch sampled (trilinear)
-    on the 7^3 grid centred at the lesion's exact centre of mass instead of its rounded centre (``--subvoxel``)."""
-    prof, _, sizes = out
-    img, m = R._np3(image), R._np3(mask) > 0
-    labels, n = ndimage.label(m, structure=np.ones((3, 3, 3), bool))
-    brain = np.ones_like(m) if brainmask is None else R._np3(brainmask) > 0
-    near = ndimage.binary_dilation(m, structure=np.ones((3, 3, 3), bool))
-    reach = int(np.ceil(max(ring[1], max_radius, patch_radius)))
-    g = np.arange(-reach, reach + 1)
-    dist = np.sqrt(g[:, None, None] ** 2 + g[None, :, None] ** 2 + g[None, None, :] ** 2)
-    ring_sel = (dist >= ring[0]) & (dist <= ring[1])
-    q = np.arange(-patch_radius, patch_radius + 1)
-    pats = []
-    for c in ndimage.center_of_mass(m, labels, range(1, n + 1)):
-        ci = np.rint(c).astype(int)
-        if (ci - reach < 0).any() or (ci + reach >= np.array(img.shape)).any():
-            continue
-        win = tuple(slice(int(v) - reach, int(v) + reach + 1) for v in ci)
-        tissue = brain[win] & ~near[win] & ring_sel
-        if tissue.sum() < 10:
-            continue
-        ref = float(img[win][tissue].mean())
-        if ref <= 1e-6:
-            continue
-        coords = np.stack(np.meshgrid(q + c[0], q + c[1], q + c[2], indexing="ij"))
-        pats.append((ndimage.map_coordinates(img, coords.reshape(3, -1), order=1) / ref).astype(np.float32))
-    pats = np.asarray(pats, np.float32).reshape(-1, (2 * patch_radius + 1) ** 3)
-    assert len(pats) == len(prof)
-    return (prof, pats, sizes) if return_sizes else (prof, pats)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
@@ -421,9 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edges", action="store_true", help="also per-lesion features (edge roughness, ...) of real vs painted lesions, with their AUCs")
     a = ap.parse_args(argv)
     if a.subvoxel:  # every measurement of this run, the evaluator's real reference included
-        global _ORIGINAL_MEASUREMENTS
-        _ORIGINAL_MEASUREMENTS = R.lesion_measurements
-        R.lesion_measurements = _subvoxel_measurements
+        R.lesion_measurements = functools.partial(R.lesion_measurements, subvoxel=True)
     overrides = {}
     for kv in a.override:
         k, sep, v = kv.partition("=")

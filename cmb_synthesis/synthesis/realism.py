@@ -69,6 +69,7 @@ def lesion_measurements(
     ring: tuple[float, float] = (5.0, 7.0),
     patch_radius: int = 3,
     return_sizes: bool = False,
+    subvoxel: bool = False,
 ) -> tuple[np.ndarray, ...]:
     """Radial profiles and normalised patches of every lesion of one patch.
 
@@ -80,6 +81,8 @@ def lesion_measurements(
         ring: (inner, outer) radius in voxels of the surrounding-tissue reference.
         patch_radius: half-width of the classifier patch.
         return_sizes: also return the lesions' sizes.
+        subvoxel: sample each classifier patch (trilinear) on the grid centred at the lesion's exact centre of
+            mass instead of taking the voxels around its rounded centre (profiles and the ring are unchanged).
 
     Returns:
         ``profiles`` (L, max_radius + 1) float64 relative intensities and ``patches``
@@ -105,8 +108,9 @@ def lesion_measurements(
     ring_sel = (dist >= ring[0]) & (dist <= ring[1])
     pr = slice(reach - patch_radius, reach + patch_radius + 1)
     profiles, patches, sizes = [], [], []
-    for label, c in enumerate(ndimage.center_of_mass(m, labels, range(1, n + 1)), start=1):
-        c = np.rint(c).astype(int)
+    q = np.arange(-patch_radius, patch_radius + 1)
+    for label, exact in enumerate(ndimage.center_of_mass(m, labels, range(1, n + 1)), start=1):
+        c = np.rint(exact).astype(int)
         if (c - reach < 0).any() or (c + reach >= np.array(img.shape)).any():
             continue
         win = tuple(slice(int(v) - reach, int(v) + reach + 1) for v in c)
@@ -117,7 +121,11 @@ def lesion_measurements(
         if ref <= 1e-6:
             continue
         profiles.append([float(wi[s].mean()) / ref for s in shells])
-        patches.append((wi[pr, pr, pr] / ref).astype(np.float32).ravel())
+        if subvoxel:
+            grid = np.stack(np.meshgrid(*[q + v for v in exact], indexing="ij")).reshape(3, -1)
+            patches.append((ndimage.map_coordinates(img, grid, order=1) / ref).astype(np.float32))
+        else:
+            patches.append((wi[pr, pr, pr] / ref).astype(np.float32).ravel())
         sizes.append(int(component_sizes[label]))
     out = (np.asarray(profiles, np.float64).reshape(-1, max_radius + 1), np.asarray(patches, np.float32).reshape(-1, k))
     return out + (np.asarray(sizes, np.int64),) if return_sizes else out
