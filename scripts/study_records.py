@@ -147,8 +147,9 @@ def unpack(study: Path) -> int:
             table = gzip.decompress(table_path.read_bytes()).decode()
             with np.load(folder / "packed.npz") as z:
                 p32 = z["probability"]
-            if len(p32) != meta["n_candidates"] or len(table.split("\r\n")) - 2 != len(p32):
-                raise ValueError(f"{folder}: {len(p32)} probabilities for a table of {len(table.split(chr(13) + chr(10))) - 2} rows")
+            n_rows = len(table.split("\r\n")) - 2   # a header line and a final line break
+            if len(p32) != meta["n_candidates"] or n_rows != len(p32):
+                raise ValueError(f"{folder}: {len(p32)} probabilities for a table of {n_rows} rows")
             with atomic_output(folder / "candidates.csv") as tmp:
                 tmp.write_bytes(_candidates_text(table, p32).encode())
         if not (folder / "metrics.json").is_file():
