@@ -226,7 +226,7 @@ def _brain_like(shape, spacing, seed=11):
 def test_fast_path_matches_float64_full_volume_reference():
     """float32 + threads + crop to the mask (the candidate stage's path) against float64 over the whole volume:
     the same map (correlation >= 0.999 inside the mask, float noise only), exactly 0 outside the widened mask
-    box, the same candidates; cropping alone is exact and the thread count changes nothing."""
+    box, the same candidates; cropping alone is exact and the thread count changes nothing beyond float32 rounding."""
     spacing = (0.98, 0.98, 1.0)
     v, mask, centres = _brain_like((72, 80, 56), spacing)
     ref = frst_3d(v, spacing, mask=mask, dtype=np.float64, workers=1, crop=False)
@@ -244,8 +244,10 @@ def test_fast_path_matches_float64_full_volume_reference():
     assert not ref[outside].any() and not fast[outside].any()
     cropped64 = frst_3d(v, spacing, mask=mask, dtype=np.float64, workers=1)
     np.testing.assert_allclose(cropped64, ref, rtol=1e-10, atol=1e-12 * ref.max())
-    np.testing.assert_array_equal(frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=1),
-                                  frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=3))
+    # the thread count changes nothing beyond float32 rounding (BLAS kernels differ between CPUs)
+    np.testing.assert_allclose(frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=1),
+                               frst_3d(v, spacing, mask=mask, dtype=np.float32, workers=3),
+                               rtol=1e-5, atol=1e-6 * float(ref.max()))
     # candidates: the same list (voxels and order) as from the reference map, every sphere among them
     c_ref, s_ref = find_candidates(ref, mask, spacing, image=v)
     c_fast, s_fast = find_candidates(fast, mask, spacing, image=v)

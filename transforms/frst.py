@@ -324,7 +324,9 @@ def _frst_numpy(
     dtype = np.dtype(dtype)
     shape = vol.shape
     slabs = _slabs(shape, dtype.itemsize)
-    with _blas_single_thread() if workers > 1 else contextlib.nullcontext():
+    # BLAS in one thread whatever ``workers`` is: parallelism comes from the slabs, and a multi-threaded BLAS
+    # may split (and so round) a product differently, which would make the map depend on the thread count
+    with _blas_single_thread():
         v = np.asarray(vol, dtype=dtype)
         if presmooth_sigma_mm > 0:
             v = _gaussian3(v, [_gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]).astype(dtype) for ax in range(3)],
