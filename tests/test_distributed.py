@@ -52,9 +52,12 @@ for k in ("y_hp", "y_p", "y_p2"):  # y_p2: the mask of x_p2 (mask-conditioned cr
     full[k] = torch.cat([m, m.roll(shifts=(5, 3, 7), dims=(2, 3, 4))])
 full.update({k: torch.ones((N, 1, *S)) for k in ("brainmask_h", "brainmask_p")})
 
-def step(cfgs, lambda_gp, batch, eps_seed):
+def step(cfgs, lambda_gp, batch, eps_seed, where):
     p = ConfigParser()
     p.read_config(cfgs)
+    # the training run's bundle root and datalist: the default ones would generate the phantom cohort into the
+    # repository's bundle (and write TensorBoard runs there)
+    p.update(where)
     p["imports"] = [i for i in p["imports"] if "phantom" not in i]
     for k, v in dict(device="$torch.device('cpu')", backend="gloo", g_channels=4, g_res_blocks=1, g_output="sigmoid",
                      d_channels=4, d_layers=2, n_critic=1, lambda_gp=lambda_gp, lr=0.0, max_epochs=1, epoch_length=1,
@@ -77,14 +80,14 @@ def step(cfgs, lambda_gp, batch, eps_seed):
     grads = {f"{n}.{k}": q.grad.detach().clone() for n, net in nets.items() for k, q in net.named_parameters() if q.grad is not None}
     return {"grads": grads, "output": trainer.state.output, "ddp": type(trainer.critic_objective_P).__name__}
 
-def run(train_yaml, multi_yaml, out):
+def run(train_yaml, multi_yaml, out, where):
     mine = {k: v[rank::world] for k, v in full.items()}
     res = {"world": world}
     for gp in (0.0, 10.0):
-        res[f"ddp{gp:g}"] = step([train_yaml, multi_yaml], gp, mine, 7 + rank)
+        res[f"ddp{gp:g}"] = step([train_yaml, multi_yaml], gp, mine, 7 + rank, where)
     if rank == 0:
-        res["single0"] = step([train_yaml], 0.0, full, 7)
-    res["single10"] = step([train_yaml], 10.0, {k: v[rank:rank + 1] for k, v in full.items()}, 7 + rank)
+        res["single0"] = step([train_yaml], 0.0, full, 7, where)
+    res["single10"] = step([train_yaml], 10.0, {k: v[rank:rank + 1] for k, v in full.items()}, 7 + rank, where)
     torch.save(res, f"{out}_rank{rank}.pt")
 """
 
@@ -163,7 +166,7 @@ n_critic: 1
     path: "$@ckpt_dir + '/../dump'"
     networks: {G_HP: "@G_HP", G_PH: "@G_PH", D_P: "@D_P", D_H: "@D_H"}
 # after training, in the same processes: the gradient equivalence check
-+training: ["$gradcheck.run(TRAIN_YAML, MULTI_YAML, @ckpt_dir + '/../grad')"]
++training: ["$gradcheck.run(TRAIN_YAML, MULTI_YAML, @ckpt_dir + '/../grad', {'bundle_root': @bundle_root + '/grad_bundle', 'datalist': @datalist, 'dataset_dir': @dataset_dir})"]
 """
 
 
