@@ -50,3 +50,16 @@ def meta_schema() -> str:
             "copy meta_schema_20240725.json there, it is not downloaded)"
         )
     return str(META_SCHEMA)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def repository_bundles_stay_clean():
+    """Fails the session if a test wrote into the repository's bundles (a config parsed with its default
+    ``bundle_root`` / ``datalist`` generates the 31-subject phantom cohort there, minutes of CPU, and writes
+    TensorBoard runs): every test must give its runs a temporary bundle root and the tiny cohort."""
+    bundles = Path(__file__).resolve().parents[1] / "bundles"
+    watched = [bundles / b / d for b in ("cmb_synthesis", "cmb_detection") for d in ("data", "runs")]
+    before = {p for p in watched if p.exists()}
+    yield
+    made = sorted(str(p) for p in watched if p.exists() and p not in before)
+    assert not made, f"tests wrote into the repository's bundles: {made}"

@@ -87,12 +87,14 @@ class MeanDarkening(GeneratorLoss):
         return cycle["fake_p"].mean()
 
 
-def _config_iteration(batch: dict, extra_terms: list) -> tuple[CycleGANTrainer, dict]:
+def _config_iteration(batch: dict, extra_terms: list, where: dict) -> tuple[CycleGANTrainer, dict]:
     """One iteration of the trainer that configs/train.yaml builds (tiny networks, lr 0 so that the critics
     stay as initialised), with ``extra_terms`` appended to its ``generator_terms``; returns it and the
-    generators' gradients."""
+    generators' gradients. ``where``: ``bundle_root`` and ``datalist`` (the defaults would generate the phantom
+    cohort into the repository's bundle)."""
     p = ConfigParser()
     p.read_config(str(CONFIGS / "train.yaml"))
+    p.update(where)
     overrides = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, n_critic=1,
                      lr=0.0, max_epochs=1, epoch_length=1,
                      # the profile term's gradient dwarfs a small extra term's: the gradient differences
@@ -111,15 +113,16 @@ def _config_iteration(batch: dict, extra_terms: list) -> tuple[CycleGANTrainer, 
     return trainer, grads
 
 
-def test_new_loss_term_is_one_config_entry():
+def test_new_loss_term_is_one_config_entry(tiny_cohort, tmp_path):
     """Adding a loss = a GeneratorLoss class + one entry in train.yaml's generator_terms: the value is reported
     under its name and the generators' gradient changes by weight * the term's gradient, in G_HP only."""
     batch = default_collate([_item(0), _item(1)])
-    base, g0 = _config_iteration(batch, [])
+    where = {"bundle_root": str(tmp_path), "datalist": tiny_cohort}
+    base, g0 = _config_iteration(batch, [], where)
     assert {"CC", "ID", "AM", "GAN"} <= set(base.state.output) and "DARK" not in base.state.output
     entry = lambda w: {"_target_": f"{__name__}.MeanDarkening", "weight": w}  # noqa: E731
-    tr1, g1 = _config_iteration(batch, [entry(1.0)])
-    tr2, g2 = _config_iteration(batch, [entry(2.0)])
+    tr1, g1 = _config_iteration(batch, [entry(1.0)], where)
+    tr2, g2 = _config_iteration(batch, [entry(2.0)], where)
     assert isinstance(tr1.generator_objective.terms[-1], MeanDarkening)
     # untrained residual generators are the identity: x~_p = x_h
     assert tr1.state.output["DARK"] == pytest.approx(batch["x_h"].mean().item(), rel=1e-5)
