@@ -176,8 +176,10 @@ def _lesion_config(**overrides):
     p.read_config(str(CONFIGS / "train.yaml"))
     # profile_size_bins 0 and no contrast codes: no reference to measure, so no cohort is needed
     # (test_profile_size_reference_from_config)
+    # (a datalist and bundle root that do not exist: the defaults would generate the phantom cohort into the
+    # repository's bundle; a config value that needed them would fail here instead)
     base = dict(device="$torch.device('cpu')", g_channels=4, g_res_blocks=1, d_channels=4, d_layers=2, profile_size_bins=0,
-                contrast_code=False)
+                contrast_code=False, bundle_root="/nonexistent/bundle", datalist="/nonexistent/bundle/datalist.json")
     for k, v in {**base, **overrides}.items():
         p[k] = v
     p["train#trainer#train_data_loader"] = "$[None]"  # no cohort needed
