@@ -16,7 +16,8 @@ if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
         _cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         _cpus = os.cpu_count() or 1
-    os.environ["OMP_NUM_THREADS"] = str(max(1, min(int(os.environ["OMP_NUM_THREADS"]), _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+    _share = _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    os.environ["OMP_NUM_THREADS"] = str(max(1, min(int(os.environ["OMP_NUM_THREADS"]), _share)))
 
 # The MONAI model-zoo metadata schema, kept in the ``shared`` folder beside the repository (never downloaded).
 META_SCHEMA = Path(__file__).resolve().parents[1].parent / "shared" / "monai" / "meta_schema_20240725.json"
