@@ -101,3 +101,25 @@ def test_dataloader_workers_draw_different_patches_reproducibly(one_of_each, ban
     assert not torch.equal(run[0]["x_p"], run[1]["x_p"])
     assert all(_same(x, y) for x, y in zip(run, batches(0)))
     assert not all(_same(x, y) for x, y in zip(run, batches(1)))
+
+
+def test_shape_matched_validation_paints_every_bank_shape_once_per_repeat(tiny_cohort):
+    """``shape_repeats``: one healthy patch per (repeat, bank lesion), each holding exactly one painted lesion whose
+    voxel count is that bank shape's (no jitter: the tiny cohort's scans share the bank's voxel size), inside the
+    brain; the painted sizes are then the bank's sizes, repeated, so the composition matches by construction."""
+    bank = lesion_bank(tiny_cohort, split="validation")
+    val = validation_patches(tiny_cohort, bank, patch_size=(32, 32, 16), patches_per_volume=2, shape_repeats=2)
+    healthy = [v for v in val]  # paired with pathological patches by index; healthy patches are the longer list
+    sizes = []
+    for v in healthy[: 2 * len(bank)]:
+        lesion = v["y_hp"] > 0
+        assert not (lesion & ~(v["brainmask_h"] > 0)).any()
+        labels = torch.unique(v["y_hp"][lesion])
+        assert len(labels) == 1, "shape-matched patches carry one painted lesion each"
+        sizes.append(int(lesion.sum()))
+    assert len(val) >= 2 * len(bank)
+    assert sorted(sizes) == sorted(list(bank.sizes) * 2)
+    again = validation_patches(tiny_cohort, bank, patch_size=(32, 32, 16), patches_per_volume=2, shape_repeats=2)
+    assert all(_same(a, b) for a, b in zip(val, again))
+    with pytest.raises(ValueError, match="shape_repeats"):
+        validation_patches(tiny_cohort, bank, patch_size=(32, 32, 16), shape_repeats=0)

@@ -274,12 +274,21 @@ def validation_patches(
     split: str = "validation",
     seed: int = 12345,
     mask_options: Mapping[str, Any] | None = None,
+    shape_repeats: int | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """A fixed list of validation items (same keys as training, no ``x_p2``), drawn once with ``seed``
     (``mask_options``: more keyword arguments of the healthy volumes' mask sampler, as in training).
 
     Healthy volumes get sampled masks and lesion-centred crops; pathological volumes lesion-centred crops of
     their real lesions. The two lists are paired by index (the shorter one cycles), so every patch is used.
+
+    ``shape_repeats`` (None: off) paints every lesion shape of ``bank`` exactly that many times, one lesion per
+    healthy patch, as it is (no flip, rotation or size jitter; only rescaled to the volume's voxel size), each at a
+    location drawn as in training on the healthy volumes in turn; ``patches_per_volume`` then applies to the
+    pathological volumes only. With the bank of the split whose real lesions the realism metrics compare with,
+    painted and real lesions then have the same size composition by construction: randomly drawn shapes match it
+    only on average, and with a few dozen lesions the draw's larger share of large lesions alone moved the
+    classifier two-sample AUC (issue 11: 36 % vs 24 % of lesions of 40+ voxels in one evaluation).
     """
     healthy, patho = load_groups(datalist, split)
     pre = _preprocessing(healthy + patho)
@@ -292,7 +301,13 @@ def validation_patches(
     h_rand.set_random_state(seed)
     p_rand.set_random_state(seed + 1)
     h_patches, p_patches = [], []
-    for item in healthy:
+    if shape_repeats is not None:
+        if not healthy:
+            raise ValueError(f"{datalist}: split {split!r} has no healthy scans to paint on")
+        h_patches = _each_shape_patches(
+            [Compose(region)(pre(dict(item))) for item in healthy], bank, patch_size, int(shape_repeats), seed,
+            mask_options)
+    for item in healthy if shape_repeats is None else ():
         vol = Compose(region)(pre(dict(item)))
         for _ in range(patches_per_volume):
             h_patches.append(_as_plain(_first(h_rand(dict(vol)))))  # a fresh mask per patch
@@ -308,4 +323,40 @@ def validation_patches(
             "x_h": h["image"], "y_hp": h["label"], "brainmask_h": h["brainmask"],
             "x_p": p["image"], "y_p": p["label"], "brainmask_p": p["brainmask"],
         })  # fmt: skip
+    return out
+
+
+def _each_shape_patches(
+    volumes: Sequence[dict], bank: Any, patch_size: Sequence[int], repeats: int, seed: int,
+    mask_options: Mapping[str, Any] | None = None,
+) -> list[dict]:
+    """Healthy patches, each centred on one lesion of ``bank`` painted alone: every shape ``repeats`` times, on
+    ``volumes`` (preprocessed, with their ``lesion_allowed`` region) in turn; a shape that finds no place on one
+    volume is tried on the next ones (skipped, with a warning, when none has room)."""
+    if repeats < 1:
+        raise ValueError(f"shape_repeats must be >= 1, got {repeats}")
+    options = {k: v for k, v in dict(mask_options or {}).items() if k not in ("rotate90", "flip", "scale_range")}
+    crop = Compose([_crop(patch_size, pos=1.0, neg=0.0)])
+    crop.set_random_state(seed + 2)
+    out, turn = [], 0
+    for r in range(repeats):
+        for k, shape in enumerate(bank.shapes):
+            one = LesionBank([shape], counts=[1], prior=bank.prior, tissue_fraction=bank.tissue_fraction,
+                             spacing=bank.spacing)
+            sampler = RandLesionMaskd(keys=("image",), brainmask_key="brainmask", output_key="label", bank=one,
+                                      n_lesions=1, rotate90=False, flip=False, scale_range=(1.0, 1.0),
+                                      allowed_key="lesion_allowed", **options)
+            sampler.set_random_state(seed + 7919 * r + k)
+            for attempt in range(len(volumes)):
+                d = sampler(dict(volumes[(turn + attempt) % len(volumes)]))
+                if d["label_n_lesions"]:
+                    break
+            else:
+                logger.warning("validation patches: lesion shape %d (%d voxels) found no place on any healthy volume",
+                               k, int(shape.sum()))
+                continue
+            turn += 1
+            d.pop("lesion_allowed", None)
+            d.pop("tissue", None)
+            out.append(_as_plain(_first(crop(d))))
     return out
