@@ -44,13 +44,13 @@ both parities of the centre): the network's own geometry, apart from the content
 
 ``--composition`` adds how much of the centre ratio is lesion-size composition (in ``composition``): the painted
 validation lesions (``G_HP`` on the evaluator's validation patches) and the evaluator's real reference lesions
-(every CMB of the validation scans) are split into the training split's quantile size bins
+(every CMB of the ``realism_split`` scans) are split into the training split's quantile size bins
 (:func:`cmb_synthesis.synthesis.realism.size_binned_profiles`, ``--size_bins`` bins; default the run's
 ``profile_size_bins``, at least 2); per bin the
 mean centre intensity of each set and of the training lesions; the centre ratio as the evaluator computes it
 (``raw``), with the painted bins re-weighted to the real lesions' size composition (``size_matched``), and the two
 that a generator painting every size exactly like the training lesions would score (``training_match_raw``,
-``training_match_size_matched``).
+``training_match_size_matched``); and the whole radial profile per bin of both sets (``profile_*_by_bin``).
 """
 
 from __future__ import annotations
@@ -194,17 +194,19 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
     datalist = parser.get_parsed_content("datalist")
     n_bins = max(2, int(size_bins or parser.get_parsed_content("profile_size_bins")))
     train = size_binned_profiles(datalist, "training", n_bins)
-    # the evaluator's real reference (RealismMetric: every CMB of the validation scans), with sizes
-    real_profiles, _, rs = split_lesions(datalist, "validation")
+    # the evaluator's real reference (RealismMetric: every CMB of the realism split's scans), with sizes
+    split = str(parser.get_parsed_content("realism_split"))
+    real_profiles, _, rs = split_lesions(datalist, split)
     rc = real_profiles[:, 0]
-    syn_centres, syn_sizes = [], []
+    syn_profiles, syn_sizes = [], []
     with torch.no_grad():
         for i, it in enumerate(parser.get_parsed_content("validate#items")):
             x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
             prof, _, sizes = lesion_measurements(G_HP(x_h, paint(i, y_hp))[0], y_hp[0], b_h[0], return_sizes=True)
-            syn_centres.append(prof[:, 0])
+            syn_profiles.append(prof)
             syn_sizes.append(sizes)
-    sc, ss = np.concatenate(syn_centres), np.concatenate(syn_sizes)
+    sp, ss = np.concatenate(syn_profiles), np.concatenate(syn_sizes)
+    sc = sp[:, 0]
     if not len(rc) or not len(sc):
         raise ValueError(f"{models_dir}: no measurable real or painted validation lesion")
     edges, n = train["edges"], len(train["edges"]) + 1
@@ -224,6 +226,11 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
         "size_percentiles_10_25_50_75_90": {"synthetic": pct(ss), "real": pct(rs), "training": pct(train["sizes"])},
         "centre_synthetic": [r(v) for v in syn_bin], "centre_real": [r(v) for v in real_bin],
         "centre_training": [r(v) for v in train["profiles"][:, 0]],
+        # the whole radial profile (d = 0..4) per size bin: where painting departs from real lesions of its size
+        "profile_synthetic_by_bin": [[r(v) for v in sp[sb == k].mean(0)] if (sb == k).any() else None for k in range(n)],
+        "profile_real_by_bin": [[r(v) for v in real_profiles[rb == k].mean(0)] if (rb == k).any() else None
+                                for k in range(n)],
+        "realism_split": split,
         "centre_ratio_raw": r(sc.mean() / ref), "centre_ratio_size_matched": r((real_w * syn_filled).sum() / ref),
         "training_match_raw": r((syn_w * train["profiles"][:, 0]).sum() / ref),
         "training_match_size_matched": r((real_w * train["profiles"][:, 0]).sum() / ref),

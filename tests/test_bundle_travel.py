@@ -30,7 +30,7 @@ SHARED = ("configs", "docs", "LICENSE")
 
 SYNTHESIS_NET = {"g_channels": 2, "g_res_blocks": 1}
 SYNTHESIS_TRAIN = {**SYNTHESIS_NET, "patch_size": [32, 32, 16], "batch_size": 2, "epoch_length": 2, "max_epochs": 1,
-                   "val_interval": 1, "val_patches_per_volume": 1, "image_interval": 1, "d_channels": 2,
+                   "val_interval": 1, "val_patches_per_volume": 1, "val_shape_repeats": 1, "image_interval": 1, "d_channels": 2,
                    "n_critic": 1}
 DETECTION_NET = {"channels": [4, 8], "strides": [2, 2], "num_res_units": 1, "patch_size": [24, 24, 16]}
 DETECTION_TRAIN = {**DETECTION_NET, "batch_size": 8, "epoch_length": 3, "max_epochs": 1, "val_interval": 1}

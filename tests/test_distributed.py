@@ -155,6 +155,7 @@ epoch_length: 2
 max_epochs: 2
 val_interval: 2
 val_patches_per_volume: 1
+val_shape_repeats: 1
 image_interval: 1
 g_channels: 2
 g_res_blocks: 1

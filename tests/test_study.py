@@ -23,7 +23,7 @@ from transforms.lesion_bank import LesionBank
 REPO = Path(__file__).resolve().parents[1]
 STUDY_YAML = REPO / "bundles" / "cmb_detection" / "configs" / "study.yaml"
 SYN_TINY = dict(device="cpu", patch_size=[32, 32, 16], batch_size=2, epoch_length=2, max_epochs=1, val_interval=1,
-                val_patches_per_volume=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
+                val_patches_per_volume=1, val_shape_repeats=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
 DET_TINY = dict(device="cpu", channels=[4, 8], strides=[2, 2], num_res_units=1, patch_size=[24, 24, 16],
                 batch_size=8, epoch_length=2, max_epochs=1, val_interval=1)
 
@@ -305,7 +305,7 @@ PAPER = ["configs/train.yaml", "configs/paper.yaml"]
 # the paper preset's structure (paper.yaml merged: 160x146x32 patches, stem 7^3, instance norm, image-only
 # critics with 3 layers, 4 loader workers) at tiny widths and budgets, on the CPU
 SYN_PAPER_TINY = dict(device="cpu", batch_size=2, epoch_length=2, max_epochs=1, val_interval=1,
-                      val_patches_per_volume=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
+                      val_patches_per_volume=1, val_shape_repeats=1, image_interval=1, g_channels=2, g_res_blocks=1, d_channels=2, n_critic=1)
 DET_PAPER_TINY = dict(device="cpu", batch_size=8, epoch_length=2, max_epochs=1, val_interval=1)
 
 
