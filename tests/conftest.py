@@ -12,11 +12,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
     # pytest-xdist (setup.cfg: -n 2): the workers share the cores, so each gets its share of threads, for its own
     # torch ops and for the commands it runs in subprocesses (oversubscribed, a CPU training step is ~10x slower)
-    try:
-        _cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        _cpus = os.cpu_count() or 1
-    _share = _cpus // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    from transforms.threads import usable_cpus  # torch-free: torch must not be imported before this
+
+    _share = usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     os.environ["OMP_NUM_THREADS"] = str(max(1, min(int(os.environ["OMP_NUM_THREADS"]), _share)))
 
 # The MONAI model-zoo metadata schema, kept in the ``shared`` folder beside the repository (never downloaded).

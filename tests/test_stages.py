@@ -183,3 +183,27 @@ def test_runners_side_by_side_run_a_shared_stage_once(tmp_path):
         t.join()
     assert calls.count("shared") == 1 and sorted(calls[1:]) == ["top0", "top1"]
     assert runner.done == 4 and runner.n_ran == 3
+
+
+def test_expect_sets_the_total_and_the_eta_counts_each_kind_at_its_own_mean(tmp_path, monkeypatch):
+    """``expect`` remembers the unfinished stages per kind: with one slow kind (10 s) and one quick kind (~0 s)
+    run once each, two unfinished slow stages and one quick one leave ~20 s (one mean over all would say 15 s)."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr("cmb_synthesis.study.stages.time.monotonic", lambda: clock["t"])
+
+    def stage(name, x, seconds, depends=()):
+        def run(folder: Path):
+            clock["t"] += seconds
+            return {}
+
+        return Stage(name, {"x": x}, run, depends=depends)
+
+    lines: list[str] = []
+    runner = StageRunner(tmp_path, log=lines.append)
+    quick = [stage("quick", i, 0.0) for i in range(2)]
+    slow = [stage("slow", i, 10.0, depends=[quick[min(i, 1)]]) for i in range(3)]
+    assert runner.expect(slow) == (5, 5) and runner.total == 5
+    runner(slow[0])                      # runs quick 0 then slow 0
+    assert lines[-1].startswith("[2/5] slow: done in") and lines[-1].endswith("remaining ~20s)"), lines[-1]
+    runner(slow[1])                      # quick 1, then slow 1: one slow stage left
+    assert lines[-1].endswith("remaining ~10s)"), lines[-1]

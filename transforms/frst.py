@@ -34,9 +34,7 @@ Candidate proposal from the map (local maxima, NMS, the MONAI transform ``FRSTCa
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -46,6 +44,7 @@ import torch
 from scipy import ndimage
 
 from transforms.spacing import RATIO_DECIMALS, snap_spacing, voxel_ratio
+from transforms.threads import blas_single_thread, usable_cpus
 
 __all__ = [
     "DEFAULT_RADII_MM",
@@ -151,21 +150,9 @@ def _check_volume(volume: Any, spacing: Sequence[float], radii_mm: Sequence[floa
 
 def default_workers() -> int:
     """Threads of the numpy backend when ``workers`` is not given: torch's intra-op thread count (it follows
-    ``OMP_NUM_THREADS``), at most the CPUs this process may use, and at most 4."""
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 1
-    return max(1, min(cpus, torch.get_num_threads(), 4))
-
-
-def _blas_single_thread():
-    """Context limiting BLAS to one thread (our own threads share the cores); no-op without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=1, user_api="blas")
+    ``OMP_NUM_THREADS``), at most the CPUs this process may use (:func:`transforms.threads.usable_cpus`), and at
+    most 4."""
+    return max(1, min(usable_cpus(), torch.get_num_threads(), 4))
 
 
 def _slabs(shape: Sequence[int], itemsize: int, nbytes: int = 1 << 20) -> list[tuple[int, int]]:
@@ -326,7 +313,7 @@ def _frst_numpy(
     slabs = _slabs(shape, dtype.itemsize)
     # BLAS in one thread whatever ``workers`` is: parallelism comes from the slabs, and a multi-threaded BLAS
     # may split (and so round) a product differently, which would make the map depend on the thread count
-    with _blas_single_thread():
+    with blas_single_thread():
         v = np.asarray(vol, dtype=dtype)
         if presmooth_sigma_mm > 0:
             v = _gaussian3(v, [_gaussian_kernel1d(presmooth_sigma_mm / spacing[ax]).astype(dtype) for ax in range(3)],

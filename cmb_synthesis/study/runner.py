@@ -53,6 +53,7 @@ from cmb_synthesis.study.protocol import (k_label, nested_subsets, pathological_
 from cmb_synthesis.study.report import (ARMS, PAPER_TABLE1, arm_name, plot_learning_curve, results_markdown,
                                         table1_markdown)
 from cmb_synthesis.study.stages import Stage, StageRunner, bundle_kwargs, run_bundle
+from transforms.threads import usable_cpus
 
 __all__ = ["ARMS", "PAPER_TABLE1", "DEFAULT_K_VALUES", "SYNTHESIS_INFERENCE_OVERLAY", "DETECTION_EVALUATION_OVERLAY",
            "run_study", "run_configs", "subset_datalist", "scan_results", "results_markdown", "arm_name"]
@@ -205,8 +206,12 @@ def run_study(
 
     Stages run on demand (:class:`~cmb_synthesis.study.stages.StageRunner`): an evaluation found finished
     needs neither its detector's nor the synthesis model's weights, so the study's small files (``stage.json``,
-    ``metrics.json``, ``candidates.csv``, datalists) without any weights resume it in another checkout at the
-    same path, e.g. a committed ``--output_dir`` under ``docs/results/study/``.
+    ``metrics.json``, ``candidates.csv``, datalists) without any weights resume it, e.g. a committed
+    ``--output_dir`` under ``docs/results/study/``. Stage keys hold what a stage computes from (parameters, the
+    bytes of the config files and of this package's study code), not paths: another checkout of the same commit
+    finds every finished stage, while a commit that edits a bundle's training config or the study code runs
+    them again. The datalists the stages wrote name the cohort's scans by absolute path, so the cohort must
+    lie where it was (it is deterministic: regenerate it there).
 
     Raises:
         ValueError: K values out of range for the cohort, unknown arms, fewer than one repeat, ``workers > 1``
@@ -244,7 +249,7 @@ def run_study(
     if workers > 1 and in_process:
         raise ValueError("workers > 1 runs stages side by side in subprocesses: it needs in_process = false")
     # runs side by side share the cores: one OMP thread each per available core share (never oversubscribed)
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+    threads = max(1, usable_cpus() // workers) if workers > 1 else None
     launch = _launcher(in_process, threads)
 
     # 1. every (seed, K) run's stages, keyed by their inputs before anything runs; the datalists first (cheap,
@@ -261,7 +266,7 @@ def run_study(
             # keyed by the scans kept: the K = all datalist is shared by every seed
             st_data = Stage("datalist", {"pathological_ids": keep}, make_subset, files=[datalist],
                             outputs=["datalist.json"])
-            blocks.append({"seed": rseed, "k": k, "keep": keep, "st_data": st_data})
+            blocks.append({"seed": rseed, "k": k, "st_data": st_data})
     runner = StageRunner(out, total=None, parallel=workers)
     for b in blocks:
         b["counts"] = runner(b["st_data"])
@@ -270,7 +275,7 @@ def run_study(
     for b in blocks:
         rseed, st_data, sub_list = b["seed"], b["st_data"], b["sub_list"]
         synthesis: dict[str, Any] = {"strict": strict}
-        st_syn = st_synth = None
+        st_synth = None
         if needs_synthesis:
             if not strict:
                 syn_models = Path(synthesis_ckpt_dir).resolve()
@@ -302,15 +307,14 @@ def run_study(
             n_needed = max(1, int(round(synthetic_per_real * b["counts"]["n_real_pathological"])))
             st_synth = _synthesise_stage(launch, syn_inf, syn_b, syn_over, sub_list, syn_models, rseed, n_needed,
                                          depends=[st_data, *syn_key_stages], files=[*syn_inf, *syn_files, *code])
-        b["synthesis"], b["st_syn"], b["st_synth"] = synthesis, st_syn, st_synth
+        b["synthesis"], b["st_synth"] = synthesis, st_synth
         b["evals"] = {arm_name(td, cda): _detector_stages(
             runner, launch, det_train, det_eval, det_b, det_over, sub_list, st_synth, cache_dir, n_bootstrap, td,
             cda, rseed, depends=[st_data] + ([st_synth] if td != "real" else []), code=code) for td, cda in arms}
 
     # 2. ask for every evaluation; a finished one needs nothing upstream (its detector, the synthesis model), so
     #    a copy of the finished stages without their weights resumes the study
-    visits, to_run = runner.plan([ev for b in blocks for ev in b["evals"].values()])
-    runner.total, runner.to_run = runner.done + visits, to_run
+    visits, to_run = runner.expect([ev for b in blocks for ev in b["evals"].values()])
     print(f"study: {len(blocks)} runs (K x seed), {to_run} of {visits} stages to run"
           + (f", {workers} side by side with OMP_NUM_THREADS={threads}" if workers > 1 else ""), flush=True)
 

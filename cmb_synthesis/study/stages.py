@@ -125,8 +125,8 @@ class StageRunner:
 
     Args:
         root: the study output folder.
-        total: number of stages expected (for the progress line and ETA), ``None`` if unknown; see
-            :meth:`plan` for the number a set of targets will visit.
+        total: number of stages expected (for the progress line), ``None`` if unknown; :meth:`expect` sets it
+            (and what the ETA needs) from the targets that will be asked for.
         log: callable receiving progress lines (default: ``logging`` at INFO and ``print``).
         parallel: stages expected to run at the same time (divides the remaining-time estimate).
     """
@@ -143,6 +143,8 @@ class StageRunner:
         self.t0 = time.monotonic()
         self.spent_running = 0.0
         self.n_ran = 0
+        self._left: dict[str, int] = {}                       # stage name -> unfinished stages (expect)
+        self._spent: dict[str, tuple[float, int]] = {}         # stage name -> (seconds, stages run)
         self._count = threading.Lock()
         self._log = log or (lambda s: (logger.info(s), print(s, flush=True)))
 
@@ -160,35 +162,54 @@ class StageRunner:
     def plan(self, targets: Iterable[Stage]) -> tuple[int, int]:
         """``(visits, to_run)`` for asking ``targets`` in order: the stages :meth:`__call__` will visit (each
         once) and how many of them are unfinished now."""
+        visits, left = self._walk(targets)
+        return visits, sum(left.values())
+
+    def expect(self, targets: Iterable[Stage]) -> tuple[int, int]:
+        """:meth:`plan` of ``targets``, remembered for the progress line (``[done/total]``) and the ETA (the
+        unfinished stages of each kind, each at the mean duration of that kind so far)."""
+        visits, left = self._walk(targets)
+        with self._count:
+            self.total, self.to_run, self._left = self.done + visits, sum(left.values()), dict(left)
+        return visits, self.to_run
+
+    def _walk(self, targets: Iterable[Stage]) -> tuple[int, dict[str, int]]:
         seen: set[str] = set()
-        visits = to_run = 0
+        visits = 0
+        left: dict[str, int] = {}
 
         def walk(st: Stage) -> None:
-            nonlocal visits, to_run
+            nonlocal visits
             if st.key in seen:
                 return
             seen.add(st.key)
             visits += 1
             if self.is_done(st):
                 return
-            to_run += 1
+            left[st.name] = left.get(st.name, 0) + 1
             for d in st.depends:
                 walk(d)
 
         for t in targets:
             walk(t)
-        return visits, to_run
+        return visits, left
 
     def _eta(self) -> str:
         """``elapsed 12m05s, remaining ~1h02m00s``: wall time since the runner started, and the stages still to
-        run times the mean duration of the stages run so far (divided by ``parallel``; cached stages cost
-        nothing)."""
+        run, each at the mean duration of the stages of its kind (name) run so far, or of all stages run so far
+        for a kind not run yet, divided by ``parallel`` (cached stages cost nothing). The kinds differ by orders
+        of magnitude (a datalist: 0.04 s; a synthesis model: up to 1.6 h), so one mean over all was far off."""
         elapsed = f"elapsed {format_seconds(time.monotonic() - self.t0)}"
         if self.n_ran == 0 or (self.total is None and self.to_run is None):
             return f"{elapsed}, remaining unknown"
-        left = self.to_run - self.n_ran if self.to_run is not None else self.total - self.done
         mean = self.spent_running / self.n_ran
-        return f"{elapsed}, remaining ~{format_seconds(max(left, 0) * mean / self.parallel)}"
+        if self._left:
+            seconds = sum(n * (self._spent[k][0] / self._spent[k][1] if k in self._spent else mean)
+                          for k, n in self._left.items() if n > 0)
+        else:
+            left = self.to_run - self.n_ran if self.to_run is not None else self.total - self.done
+            seconds = max(left, 0) * mean
+        return f"{elapsed}, remaining ~{format_seconds(seconds / self.parallel)}"
 
     def _position(self) -> str:
         return f"[{self.done + 1}/{self.total}]" if self.total else f"[{self.done + 1}]"
@@ -232,6 +253,10 @@ class StageRunner:
         with self._count:
             self.n_ran += 1
             self.spent_running += elapsed
+            spent, n = self._spent.get(stage.name, (0.0, 0))
+            self._spent[stage.name] = (spent + elapsed, n + 1)
+            if self._left.get(stage.name, 0) > 0:
+                self._left[stage.name] -= 1
             self._log(f"{self._position()} {stage.name}: done in {format_seconds(elapsed)} ({self._eta()})")
             self.done += 1
         return result
