@@ -109,9 +109,8 @@ def test_shape_matched_validation_paints_every_bank_shape_once_per_repeat(tiny_c
     brain; the painted sizes are then the bank's sizes, repeated, so the composition matches by construction."""
     bank = lesion_bank(tiny_cohort, split="validation")
     val = validation_patches(tiny_cohort, bank, patch_size=(32, 32, 16), patches_per_volume=2, shape_repeats=2)
-    healthy = [v for v in val]  # paired with pathological patches by index; healthy patches are the longer list
     sizes = []
-    for v in healthy[: 2 * len(bank)]:
+    for v in val[: 2 * len(bank)]:  # paired with pathological patches by index; the healthy list is the longer
         lesion = v["y_hp"] > 0
         assert not (lesion & ~(v["brainmask_h"] > 0)).any()
         labels = torch.unique(v["y_hp"][lesion])
