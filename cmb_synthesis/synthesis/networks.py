@@ -114,6 +114,14 @@ class CMBGenerator(nn.Module):
             ``head_smooth``). A CMB's centre is dark whatever its size, but a blurred label peaks higher on a large
             lesion than on a small one, so one head weight painted the large ones too dark (validation lesions of
             37+ voxels: centre 0.05 of the tissue against 0.18 for real ones).
+        size_scale: > 0 also gives the head every mask feature (the mask or its smoothed form and the blurred masks,
+            each alone and times the image) multiplied by the size of the lesion it belongs to, divided by
+            ``size_scale`` (ours; 0: off). The size is a lesion's effective voxel count: the largest value of its
+            sigma-2 Gaussian-blurred mask within 3 voxels, divided by the blur of a single voxel (about the voxel
+            count for lesions of up to ~4 voxels' radius; a voxel-scale map, so it is the same on a crop and on a
+            whole plane). Why: the painted profile is otherwise nearly the same function of the distance to the
+            label's edge for every lesion, while real CMBs' is size-dependent (small ones lighter, large ones dark
+            over a wider core); with these products the head's painting can vary linearly with size.
 
     Forward:
         ``forward(image, mask=None)``: ``image`` (B, 1, X, Y, Z) float in [0, 1] and ``mask`` (B, 1, X, Y, Z)
@@ -137,6 +145,7 @@ class CMBGenerator(nn.Module):
         mask_code: bool = False,
         head_smooth: float = 0.0,
         smooth_peak: bool = False,
+        size_scale: float = 0.0,
     ) -> None:
         super().__init__()
         self.mask_code = bool(mask_code)
@@ -180,7 +189,14 @@ class CMBGenerator(nn.Module):
             r = max(1, int(round(3 * self.head_smooth)))
             k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=torch.float32) / self.head_smooth) ** 2)
             self.register_buffer("_smooth", k / k.sum(), persistent=False)
+        self.size_scale = float(size_scale) if self.mask_to_head else 0.0
+        if self.size_scale < 0:
+            raise ValueError(f"size_scale must be >= 0, got {size_scale}")
+        if self.size_scale > 0:
+            k = torch.exp(-0.5 * (torch.arange(-6, 7, dtype=torch.float32) / 2.0) ** 2)
+            self.register_buffer("_size_blur", k / k.sum(), persistent=False)
         n_head = 2 * (in_channels - 1) * (1 + len(self.mask_blur)) if self.mask_to_head else 0
+        n_head *= 2 if self.size_scale > 0 else 1
         if self.mask_code:
             if not self.mask_to_head:
                 raise ValueError("mask_code needs mask_to_head (the codes reach the generator through its head)")
@@ -228,6 +244,8 @@ class CMBGenerator(nn.Module):
                     sharp = sharp / peak
             masks = [sharp] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
             feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])]
+            if self.size_scale > 0:
+                feats += [f * self._lesion_size(x[:, 1:]) for f in feats]
             if code is not None:
                 binary = x[:, 1:]
                 # the nearest lesion's code on the 1-voxel (cubic) shell around it: codes + 1 are > 0 on lesions
@@ -247,6 +265,13 @@ class CMBGenerator(nn.Module):
             return out + (out.clamp(0.0, 1.0) - out).detach()
         return torch.sigmoid(h)
 
+
+    def _lesion_size(self, mask: torch.Tensor) -> torch.Tensor:
+        """(B, 1, X, Y, Z) map of the size of the nearest lesion, in voxels / ``size_scale`` (``size_scale``)."""
+        k = self._size_blur
+        blurred = self._blurred(mask, k)
+        one_voxel = float(k[len(k) // 2]) ** 3  # the blur's value at a lone voxel
+        return cube_max(blurred, 3) / (one_voxel * self.size_scale)
 
     @staticmethod
     def _check_codes(code: torch.Tensor) -> None:
