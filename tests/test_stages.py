@@ -56,6 +56,51 @@ def test_interrupted_stage_is_redone(tmp_path):
     assert calls == ["s"]
 
 
+def test_a_resumable_stage_continues_its_interrupted_attempt(tmp_path):
+    """A resumable stage (the study's training stages) is called again on the folder its killed attempt left:
+    what that attempt wrote (a checkpoint) is still there; a finished record that lost its outputs starts again."""
+    seen: list[list[str]] = []
+
+    def train(folder: Path):
+        seen.append(sorted(p.name for p in folder.iterdir()))
+        if not (folder / "checkpoint_iteration=40.pt").exists():
+            (folder / "checkpoint_iteration=40.pt").write_bytes(b"weights")
+            raise RuntimeError("killed half-way")
+        (folder / "model.pt").write_bytes(b"final")
+        return {"resumed": True}
+
+    runner = StageRunner(tmp_path, log=lambda s: None)
+    st = Stage("train", {"x": 1}, train, outputs=["model.pt"], resumable=True)
+    with pytest.raises(RuntimeError, match="killed"):
+        runner(st)
+    assert not runner.is_done(st)
+    lines: list[str] = []
+    assert StageRunner(tmp_path, log=lines.append)(st) == {"resumed": True}
+    assert seen == [[], ["checkpoint_iteration=40.pt"]]
+    assert any("resuming the interrupted attempt" in line for line in lines)
+
+    (runner.folder(st) / "model.pt").unlink()  # a finished record whose output is gone: not resumed
+    seen.clear()
+    with pytest.raises(RuntimeError, match="killed"):  # started again from an empty folder
+        StageRunner(tmp_path, log=lambda s: None)(st)
+    assert seen == [[]]
+
+
+def test_resume_override_needs_a_complete_checkpoint(tmp_path):
+    """The study's training stages pass ``--resume true`` only when a complete interval checkpoint exists."""
+    import torch
+
+    from cmb_synthesis.study.runner import _resume_override
+
+    models = tmp_path / "models"
+    assert _resume_override(models) == {}
+    models.mkdir()
+    (models / "checkpoint_iteration=40.pt").write_bytes(b"truncated")  # killed while saving
+    assert _resume_override(models) == {}
+    torch.save({"G_HP": {}}, models / "checkpoint_iteration=20.pt")
+    assert _resume_override(models) == {"resume": True}
+
+
 def test_failing_stage_leaves_no_done_marker(tmp_path):
     def boom(folder):
         raise RuntimeError("stage failed")

@@ -198,6 +198,37 @@ def test_smooth_peak_paints_the_same_centre_on_a_small_and_a_large_lesion():
     assert centre[True, 1] == pytest.approx(centre[True, 4], abs=1e-4) == pytest.approx(0.1, abs=1e-4)
 
 
+def test_size_scale_lets_the_head_paint_by_lesion_size():
+    """size_scale: the head also sees its mask features times the lesion's effective voxel count / scale. The
+    size map is about the voxel count (a 7-voxel and a 33-voxel ball), and a weight on a size product paints a
+    large lesion darker than a small one where the plain features paint both alike; an untrained generator is
+    still the identity, and no mask paints nothing."""
+    import numpy as np
+
+    g = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(1.0,), head_gain=1.0,
+                     head_smooth=0.7, smooth_peak=True, size_scale=10.0)
+    assert g.head.in_channels == 4 + 2 * 2 * 2  # (mask, blur) x (alone, x image) x (plain, size product)
+    x = torch.full((1, 1, 24, 24, 16), 0.6)
+    zz, yy, xx = np.mgrid[:24, :24, :16]
+    centre = {}
+    for r in (1.0, 2.0):
+        m = torch.from_numpy((((zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 8) ** 2) <= r * r)[None, None]).float()
+        size = g._lesion_size(m) * 10.0
+        assert float(size[0, 0, 12, 12, 8]) == pytest.approx(float(m.sum()), rel=0.3)  # 7 and 33 voxels
+        with torch.no_grad():
+            assert torch.equal(g(x, m), x)  # zero-initialised head: the identity
+            g.head.weight.zero_()
+            g.head.weight[0, 4 + 4] = -0.1  # the smoothed mask times the size only
+            centre[r] = float(g(x, m)[0, 0, 12, 12, 8])
+            g.head.weight.zero_()
+    assert centre[2.0] < centre[1.0] - 0.15  # 0.35 against 0.54
+    with torch.no_grad():
+        g.head.weight[0, 8] = -0.1
+        assert torch.equal(g(x, torch.zeros_like(x)), x)
+    with pytest.raises(ValueError, match="size_scale"):
+        CMBGenerator(channels=4, n_res_blocks=1, size_scale=-1.0)
+
+
 def test_cube_max_equals_the_full_max_pool():
     """The generator's peak normalisation takes the cube maximum in three 1-D passes: the same values as one
     (2r+1)^3 max pool, borders included, so trained weights behave exactly as before."""

@@ -53,6 +53,7 @@ from cmb_synthesis.study.protocol import (k_label, nested_subsets, pathological_
 from cmb_synthesis.study.report import (ARMS, PAPER_TABLE1, arm_name, plot_learning_curve, results_markdown,
                                         table1_markdown)
 from cmb_synthesis.study.stages import Stage, StageRunner, bundle_kwargs, run_bundle
+from cmb_synthesis.training.resume import latest_checkpoint
 from transforms.threads import usable_cpus
 
 __all__ = ["ARMS", "PAPER_TABLE1", "DEFAULT_K_VALUES", "SYNTHESIS_INFERENCE_OVERLAY", "DETECTION_EVALUATION_OVERLAY",
@@ -290,15 +291,15 @@ def run_study(
                     shutil.copyfile(sub_list, own)
                     launch(syn_train, "training", {
                         **syn_over, "bundle_root": str(syn_b), "datalist": str(own),
-                        "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"), "seed": rseed},
-                        folder / "log.txt")
+                        "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"), "seed": rseed,
+                        **_resume_override(folder / "models")}, folder / "log.txt")
                     ids = training_ids(own)
                     return {"models": str(folder / "models"), "datalist": str(own),
                             "pathological_ids": ids["pathological"], "healthy_ids": ids["healthy"]}
 
                 st_syn = Stage("synthesis-train", {"seed": rseed, "overrides": syn_over}, train_synthesis,
                                depends=[st_data], files=[*syn_train, *code],
-                               outputs=["datalist.json", "models/G_HP.pt", "models/lesion_bank.npz"])
+                               outputs=["datalist.json", "models/G_HP.pt", "models/lesion_bank.npz"], resumable=True)
                 syn_models = runner.folder(st_syn) / "models"
                 syn_key_stages, syn_files = [st_syn], []
                 ids = training_ids(sub_list)   # what the stage trains on: a copy of this datalist
@@ -470,11 +471,12 @@ def _detector_stages(runner: StageRunner, launch: "Launcher", det_train: Sequenc
         launch(det_train, "training", {
             **det_over, "bundle_root": str(det_b), "datalist": str(sub_list), "training_data": td, "cda": cda,
             "synthetic_dir": synthetic_dir, "ckpt_dir": str(folder / "models"), "log_dir": str(folder / "runs"),
-            "cache_dir": str(cache_dir), "seed": rseed}, folder / "log.txt")
+            "cache_dir": str(cache_dir), "seed": rseed, **_resume_override(folder / "models")}, folder / "log.txt")
         return {"model": str(folder / "models" / "model.pt")}
 
     st_tr = Stage(f"detector-{name}", {"training_data": td, "cda": cda, "seed": rseed, "overrides": dict(det_over)},
-                  train_detector, depends=depends, files=[*det_train, *code], outputs=["models/model.pt"])
+                  train_detector, depends=depends, files=[*det_train, *code], outputs=["models/model.pt"],
+                  resumable=True)
 
     def evaluate_detector(folder: Path) -> dict[str, Any]:
         launch(det_eval, "evaluating", {
@@ -491,6 +493,13 @@ def _detector_stages(runner: StageRunner, launch: "Launcher", det_train: Sequenc
 Launcher = Callable[[Sequence[str], str, Mapping[str, Any], Path], None]
 
 
+def _resume_override(ckpt_dir: Path) -> dict[str, Any]:
+    """``{"resume": True}`` when an interrupted training stage left a complete interval checkpoint in ``ckpt_dir``
+    (the bundles then continue from the newest one, :func:`~cmb_synthesis.training.resume.latest_checkpoint`),
+    else nothing: the run starts from scratch."""
+    return {"resume": True} if latest_checkpoint(ckpt_dir) else {}
+
+
 def _launcher(in_process: bool, threads: int | None = None) -> Launcher:
     """``launch(config_files, run_id, overrides, log_file)``: a bundle run in a subprocess (with
     ``OMP_NUM_THREADS=threads`` when given) or in this process."""
@@ -498,7 +507,8 @@ def _launcher(in_process: bool, threads: int | None = None) -> Launcher:
         return functools.partial(run_bundle, threads=threads)
 
     def launch(config_files: Sequence[str], run_id: str, overrides: Mapping[str, Any], log_file: Path) -> None:
-        Path(log_file).write_text(f"in-process: {run_id} {list(config_files)} {json.dumps(overrides, default=str)}\n")
+        with open(log_file, "a") as log:  # appended: a resumed stage keeps the interrupted attempt's lines
+            log.write(f"in-process: {run_id} {list(config_files)} {json.dumps(overrides, default=str)}\n")
         files = [str(Path(f).resolve()) for f in config_files]
         handler = logging.FileHandler(log_file)
         logging.getLogger().addHandler(handler)
