@@ -245,7 +245,8 @@ class CMBGenerator(nn.Module):
             masks = [sharp] + [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
             feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])]
             if self.size_scale > 0:
-                feats += [f * self._lesion_size(x[:, 1:]) for f in feats]
+                lesion_size = self._lesion_size(x[:, 1:])  # once: every product uses the same map
+                feats += [f * lesion_size for f in feats]
             if code is not None:
                 binary = x[:, 1:]
                 # the nearest lesion's code on the 1-voxel (cubic) shell around it: codes + 1 are > 0 on lesions
