@@ -229,6 +229,32 @@ def test_size_scale_lets_the_head_paint_by_lesion_size():
         CMBGenerator(channels=4, n_res_blocks=1, size_scale=-1.0)
 
 
+def test_head_sharp_adds_the_binary_mask_beside_its_smoothed_form():
+    """head_sharp: the head gets the binary mask (and mask * image) as it is beside the smoothed, peak-normalised
+    mask, so a weight on it paints a step exactly on the label (dark 1 voxel inside a large lesion's edge, nothing
+    1 voxel outside), which the smoothed feature alone cannot; untrained it is the identity; it needs
+    head_smooth."""
+    import numpy as np
+
+    g = CMBGenerator(channels=4, n_res_blocks=1, stem_kernel=3, norm=None, mask_blur=(1.0,), head_gain=1.0,
+                     head_smooth=0.7, smooth_peak=True, head_sharp=True)
+    assert g.head.in_channels == 4 + 2 * 3  # (smoothed, sharp, blur) x (alone, x image)
+    x = torch.full((1, 1, 24, 24, 16), 0.6)
+    zz, yy, xx = np.mgrid[:24, :24, :16]
+    m = torch.from_numpy((((zz - 12) ** 2 + (yy - 12) ** 2 + (xx - 8) ** 2) <= 4.0)[None, None]).float()  # r = 2
+    with torch.no_grad():
+        assert torch.equal(g(x, m), x)
+        g.head.weight[0, 4 + 2] = -0.4  # the binary mask alone
+        out = g(x, m)[0, 0]
+    assert float(out[12, 12, 8]) == pytest.approx(0.2, abs=1e-5)
+    assert float(out[14, 12, 8]) == pytest.approx(0.2, abs=1e-5)  # on the label's edge: the full step
+    assert float(out[15, 12, 8]) == pytest.approx(0.6, abs=1e-6)  # 1 voxel outside: untouched
+    with torch.no_grad():
+        assert torch.equal(g(x, torch.zeros_like(x)), x)
+    with pytest.raises(ValueError, match="head_sharp"):
+        CMBGenerator(channels=4, n_res_blocks=1, head_sharp=True)
+
+
 def test_cube_max_equals_the_full_max_pool():
     """The generator's peak normalisation takes the cube maximum in three 1-D passes: the same values as one
     (2r+1)^3 max pool, borders included, so trained weights behave exactly as before."""
