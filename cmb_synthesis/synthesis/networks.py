@@ -246,28 +246,7 @@ class CMBGenerator(nn.Module):
         u1 = self.fuse1(torch.cat([self.up1(d2), d1], dim=1))
         u2 = self.fuse2(torch.cat([self.up2(u1), s], dim=1))
         if self.mask_to_head:
-            sharp, peak = x[:, 1:], None
-            if self.head_smooth > 0:
-                sharp = self._blurred(x[:, 1:], self._smooth)
-                if self.smooth_peak:  # each lesion's smoothed mask scaled to 1 at its centre
-                    peak = cube_max(sharp, 3).clamp_min(1e-3)
-                    sharp = sharp / peak
-            masks = [sharp] + ([x[:, 1:]] if self.head_sharp else [])
-            masks += [self._blurred(x[:, 1:], getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
-            feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * x[:, :1])]
-            if self.size_scale > 0:
-                lesion_size = self._lesion_size(x[:, 1:])  # once: every product uses the same map
-                feats += [f * lesion_size for f in feats]
-            if code is not None:
-                binary = x[:, 1:]
-                # the nearest lesion's code on the 1-voxel (cubic) shell around it: codes + 1 are > 0 on lesions
-                near = F.max_pool3d((code + 1.0) * binary, kernel_size=3, stride=1, padding=1)
-                rim = (near - 1.0) * ((near > 0) & (binary <= 0)).to(code.dtype)
-                if self.head_smooth > 0:
-                    code, rim = self._blurred(code, self._smooth), self._blurred(rim, self._smooth)
-                    if peak is not None:
-                        code, rim = code / peak, rim / peak
-                feats += [self.head_gain * code, self.head_gain * rim]
+            feats = self.head_features(x[:, :1], x[:, 1:], code)
             u2 = torch.cat([u2] + feats, dim=1)
         h = self.head(u2)[:, :, : size[0], : size[1], : size[2]]
         if self.output == "residual":
@@ -277,6 +256,42 @@ class CMBGenerator(nn.Module):
             return out + (out.clamp(0.0, 1.0) - out).detach()
         return torch.sigmoid(h)
 
+    def head_features(self, image: torch.Tensor, mask: torch.Tensor, code: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """The mask features the 1x1 head gets beside the network's last feature map (``mask_to_head``).
+
+        Args:
+            image: (B, 1, X, Y, Z) the input image in [0, 1].
+            mask: (B, 1, X, Y, Z) the binary lesion mask {0, 1} (float).
+            code: (B, 1, X, Y, Z) contrast codes ``code - 1`` on lesion voxels, 0 elsewhere (``mask_code``), or None.
+
+        Returns:
+            the (B, 1, X, Y, Z) features in the head's channel order, each scaled by ``head_gain``: for each of
+            the mask (smoothed and peak-normalised with ``head_smooth``/``smooth_peak``), the binary mask
+            (``head_sharp``) and the blurred masks (``mask_blur``) the feature alone and times the image; with
+            ``size_scale`` all of those again times the lesion-size map; with codes the code and rim maps.
+        """
+        sharp, peak = mask, None
+        if self.head_smooth > 0:
+            sharp = self._blurred(mask, self._smooth)
+            if self.smooth_peak:  # each lesion's smoothed mask scaled to 1 at its centre
+                peak = cube_max(sharp, 3).clamp_min(1e-3)
+                sharp = sharp / peak
+        masks = [sharp] + ([mask] if self.head_sharp else [])
+        masks += [self._blurred(mask, getattr(self, f"_blur{i}")) for i in range(len(self.mask_blur))]
+        feats = [t for m in masks for t in (self.head_gain * m, self.head_gain * m * image)]
+        if self.size_scale > 0:
+            lesion_size = self._lesion_size(mask)  # once: every product uses the same map
+            feats += [f * lesion_size for f in feats]
+        if code is not None:
+            # the nearest lesion's code on the 1-voxel (cubic) shell around it: codes + 1 are > 0 on lesions
+            near = F.max_pool3d((code + 1.0) * mask, kernel_size=3, stride=1, padding=1)
+            rim = (near - 1.0) * ((near > 0) & (mask <= 0)).to(code.dtype)
+            if self.head_smooth > 0:
+                code, rim = self._blurred(code, self._smooth), self._blurred(rim, self._smooth)
+                if peak is not None:
+                    code, rim = code / peak, rim / peak
+            feats += [self.head_gain * code, self.head_gain * rim]
+        return feats
 
     def _lesion_size(self, mask: torch.Tensor) -> torch.Tensor:
         """(B, 1, X, Y, Z) map of the size of the nearest lesion, in voxels / ``size_scale`` (``size_scale``)."""
