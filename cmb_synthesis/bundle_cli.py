@@ -202,8 +202,8 @@ def _is_int(value: Any) -> bool:
 
 def _integer_problem(key: str, default: Any, value: Any) -> str | None:
     """Why ``value`` cannot replace the integer (or list of integers) ``default``; None when it can."""
-    if value is None or _is_expression(value):
-        return None
+    if value is None or _is_expression(value) or (isinstance(value, str) and value.lower() in ("null", "none")):
+        return None  # YAML's null as the command line spells it (e.g. --lr_decay_start null: a constant lr)
     if _is_int(default) and not _is_int(value):
         return f"--{key} must be an integer (the default is {default}), got {value!r}"
     if isinstance(default, list) and default and all(_is_int(d) for d in default) and isinstance(value, list):

@@ -278,3 +278,14 @@ def test_command_line_does_nothing_outside_monai_bundle(monkeypatch):
     bundle_utils.command_line()
     assert sys.excepthook is hook
     assert bundle_cli.RUN_ARGUMENTS >= {"config_file", "meta_file", "logging_file", "run_id", "args_file", "tracking"}
+
+
+def test_integer_options_take_yaml_null_as_the_command_line_spells_it():
+    """An integer setting whose null means "off" (``lr_decay_start``: a constant lr) accepts ``null`` / ``None``
+    from the command line; anything else that is not an integer is still refused."""
+    from cmb_synthesis.bundle_cli import _integer_problem
+
+    for value in (None, "null", "None", "NULL"):
+        assert _integer_problem("lr_decay_start", 10, value) is None
+    assert _integer_problem("lr_decay_start", 10, 12) is None
+    assert _integer_problem("lr_decay_start", 10, "later") == "--lr_decay_start must be an integer (the default is 10), got 'later'"
