@@ -18,8 +18,12 @@ The fit is a best case for the head (no other loss, no training noise); a featur
 trained generator does not fit either (the preset 0.9.0 fit misses the validation mean profile by 0.043 at 1 voxel,
 trained runs by 0.05-0.07).
 
-    python scripts/head_profile_fit.py --output docs/results/synthesis/head_profile_fit.json \\
-        --variant preset --variant "sharp:g_head_sharp=true" --variant "smooth04:g_head_smooth=0.4"
+    python scripts/head_profile_fit.py --output bundles/cmb_synthesis/ablation/head_profile_fit.json \\
+        --variant preset_0_9:g_head_sharp=false --variant sharp:g_head_sharp=true \\
+        --variant smooth04:g_head_sharp=false,g_head_smooth=0.4 ...
+
+A variant's overrides apply to the current ``train.yaml``; name every setting a comparison depends on (the preset's
+defaults change between bundle versions: 0.10.0 turned ``g_head_sharp`` on).
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from monai.bundle import ConfigParser  # noqa: E402
 
 from cmb_synthesis.data.io import write_json  # noqa: E402
 from cmb_synthesis.synthesis.losses import radial_profiles  # noqa: E402
-from cmb_synthesis.synthesis.realism import load_split, preprocessing, split_groups  # noqa: E402
+from cmb_synthesis.synthesis.realism import pathological_volumes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SIZE_EDGES = (9, 19, 40)  # voxels: the size bins reported (< 9, 9-18, 19-39, 40+)
@@ -48,13 +52,8 @@ SIZE_EDGES = (9, 19, 40)  # voxels: the size bins reported (< 9, 9-18, 19-39, 40
 def lesion_crops(datalist: str, split: str, reach: int = 10) -> tuple[torch.Tensor, ...]:
     """(N, 1, 2r+1, 2r+1, 2r+1) image, lesion-mask and brain-mask crops centred on every real CMB of ``split``
     (lesions within ``reach`` voxels of the volume border are skipped)."""
-    _, patho = split_groups(load_split(datalist, split))
-    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
     out: tuple[list, list, list] = ([], [], [])
-    for item in patho:
-        if not item.get("label") or not item.get("brainmask"):
-            continue
-        d = pre({k: item[k] for k in ("image", "brainmask", "label")})
+    for d in pathological_volumes(datalist, split):
         im, lab, bm = (np.asarray(d[k])[0] for k in ("image", "label", "brainmask"))
         cc, n = ndi.label(lab > 0, structure=np.ones((3, 3, 3)))
         for c in ndi.center_of_mass(lab > 0, cc, range(1, n + 1)):
@@ -75,14 +74,23 @@ def feature_profiles(G: torch.nn.Module, mask: torch.Tensor, brain: torch.Tensor
         cols = []
         for f in feats:
             f = f / G.head_gain
-            p, _ = radial_profiles(1.0 - 0.5 * f, mask, brain, 4, (5.0, 7.0))
+            p, _ = radial_profiles(1.0 - 0.5 * f, mask, brain)
             cols.append((1.0 - p) / 0.5)
     return torch.stack(cols, -1).double()
 
 
+def _summary(real: np.ndarray, fitted: np.ndarray) -> dict:
+    """Mean real and fitted profiles of a set of lesions and the largest difference between them (the evaluator's
+    profile error)."""
+    real_mean, fit_mean = real.mean(0), fitted.mean(0)
+    return {"n": len(real), "real": real_mean.round(4).tolist(), "fit": fit_mean.round(4).tolist(),
+            "profile_error": float(np.abs(fit_mean - real_mean).max())}
+
+
 def fit(G: torch.nn.Module, train: tuple, val: tuple) -> dict:
-    real_tr, _, size_tr = radial_profiles(train[0], train[1], train[2], 4, (5.0, 7.0), return_sizes=True)
-    real_va, _, size_va = radial_profiles(val[0], val[1], val[2], 4, (5.0, 7.0), return_sizes=True)
+    """Least-squares head weights on the ``train`` crops (image, mask, brain mask), scored on both sets."""
+    real_tr, _, size_tr = radial_profiles(*train, return_sizes=True)
+    real_va, _ = radial_profiles(*val)
     F_tr, F_va = feature_profiles(G, train[1], train[2]), feature_profiles(G, val[1], val[2])
     if len(F_tr) != len(real_tr) or len(F_va) != len(real_va):
         raise RuntimeError("a lesion was measured on the image but not on its features (too little tissue)")
@@ -98,10 +106,8 @@ def fit(G: torch.nn.Module, train: tuple, val: tuple) -> dict:
     ]
     return {
         "n_features": int(len(c)), "weights": np.round(c, 4).tolist(),
-        "training": {"n": len(real_tr), "real": real_tr.mean(0).round(4).tolist(), "fit": fit_tr.mean(0).round(4).tolist(),
-                     "profile_error": float(np.abs(fit_tr.mean(0) - real_tr.mean(0)).max())},
-        "validation": {"n": len(real_va), "real": real_va.mean(0).round(4).tolist(), "fit": fit_va.mean(0).round(4).tolist(),
-                       "profile_error": float(np.abs(fit_va.mean(0) - real_va.mean(0)).max())},
+        "training": _summary(real_tr, fit_tr),
+        "validation": _summary(real_va, fit_va),
         "per_size_bin_training": per_bin,
     }
 

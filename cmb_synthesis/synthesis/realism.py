@@ -18,7 +18,7 @@ measurement window leaves the patch are skipped. Inputs are single patches (X, Y
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = [
     "REALISM_METRICS",
     "lesion_measurements",
     "batch_measurements",
+    "pathological_volumes",
     "split_lesions",
     "reference_lesions",
     "size_binned_profiles",
@@ -215,6 +216,16 @@ def batch_measurements(images: Any, masks: Any, brainmasks: Any | None = None) -
     return np.concatenate(profs), np.concatenate(pats)
 
 
+def pathological_volumes(datalist: PathLike, split: str) -> Iterator[dict[str, Any]]:
+    """The pathological scans of ``split`` that have a lesion map and a brain mask, one at a time, preprocessed as
+    in training: dicts with ``image``, ``label`` and ``brainmask``, each (1, X, Y, Z)."""
+    _, patho = split_groups(load_split(datalist, split))
+    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
+    for item in patho:
+        if item.get("label") and item.get("brainmask"):
+            yield pre({k: item[k] for k in ("image", "brainmask", "label")})
+
+
 def split_lesions(
     datalist: PathLike, split: str = "validation", max_radius: int = 4, ring: tuple[float, float] = (5.0, 7.0)
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -224,13 +235,8 @@ def split_lesions(
     Returns ``(profiles (L, max_radius + 1), patches (L, 343), sizes (L,))``; empty arrays when the split has no
     lesion.
     """
-    _, patho = split_groups(load_split(datalist, split))
-    pre = preprocessing(keys=("image",), mask_keys=("brainmask",), label_keys=("label",))
     profs, pats, sizes = [np.zeros((0, int(max_radius) + 1))], [np.zeros((0, 343), np.float32)], [np.zeros(0, np.int64)]
-    for item in patho:
-        if not item.get("label") or not item.get("brainmask"):
-            continue
-        d = pre({k: item[k] for k in ("image", "brainmask", "label")})
+    for d in pathological_volumes(datalist, split):
         p, q, s = lesion_measurements(d["image"], d["label"], d["brainmask"], max_radius, ring, return_sizes=True)
         profs.append(p)
         pats.append(q)
