@@ -267,3 +267,23 @@ def test_cube_max_equals_the_full_max_pool():
         x = torch.rand(shape, generator=g)
         x = x * (x > 0.8)
         assert torch.equal(cube_max(x, r), F.max_pool3d(x, kernel_size=2 * r + 1, stride=1, padding=r))
+
+
+def test_centred_critic_is_blind_to_a_global_brightness_offset_only():
+    """``centre_input``: a constant added to every voxel of the image leaves the scores unchanged (the mask channel
+    is not centred), while a local change (a dark blob) still changes them; the default critic sees the offset."""
+    torch.manual_seed(0)
+    x = torch.rand(2, 1, 32, 32, 16) * 0.5 + 0.25
+    mask = torch.zeros_like(x)
+    mask[:, :, 14:18, 14:18, 6:10] = 1.0
+    centred = CMBCritic(in_channels=2, channels=4, num_layers_d=2, centre_input=True)
+    plain = CMBCritic(in_channels=2, channels=4, num_layers_d=2)
+    plain.load_state_dict(centred.state_dict())  # same weights: the option adds no parameters
+    pair, shifted = torch.cat([x, mask], 1), torch.cat([x + 0.1, mask], 1)
+    torch.testing.assert_close(centred(shifted), centred(pair), atol=1e-6, rtol=0)  # scores ~1e-3 at random init
+    assert (plain(shifted) - plain(pair)).abs().max() > 1e-4
+    blob = x.clone()
+    blob[:, :, 14:18, 14:18, 6:10] = 0.05
+    assert (centred(torch.cat([blob, mask], 1)) - centred(pair)).abs().max() > 1e-4
+    # the mask channel is scored as it is: moving the mask changes the scores
+    assert (centred(torch.cat([x, mask.roll(8, dims=2)], 1)) - centred(pair)).abs().max() > 1e-5

@@ -337,12 +337,24 @@ class CMBCritic(nn.Module):
         num_layers_d: stride-2 layers; each spatial size must stay >= 4 after them (use 2 for 16-slice
             patches, 3 for the paper's 32-slice patches).
         kernel_size: convolution kernel (4 as in pix2pix/CycleGAN PatchGAN critics).
+        centre_input: subtract each sample's mean image intensity (channel 0, over the whole patch) before scoring
+            (ours; False: the paper's critic). The critic is then blind to a global brightness offset, so it cannot
+            tell the domains apart by the brightness of their crops, nor push a generator to shift every voxel. Why:
+            the CPU preset's healthy crops (centred on sampled lesion sites) are brighter than the pathological
+            ones (centred on real CMBs; training batches: patch mean 0.616 against 0.588, tissue median 0.654
+            against 0.645), and the trained generators shifted whole patches by about that much (``G_HP`` -0.005
+            to -0.013, ``G_PH`` +0.007 to +0.010 away from the lesions: the identity error). A mask channel, if
+            any, is left as it is.
 
     Forward: ``x`` (B, in_channels, X, Y, Z) in [0, 1] -> unbounded patch scores (B, 1, X', Y', Z').
     """
 
-    def __init__(self, in_channels: int = 1, channels: int = 32, num_layers_d: int = 3, kernel_size: int = 4) -> None:
+    def __init__(
+        self, in_channels: int = 1, channels: int = 32, num_layers_d: int = 3, kernel_size: int = 4,
+        centre_input: bool = False,
+    ) -> None:
         super().__init__()
+        self.centre_input = bool(centre_input)
         self.net = PatchDiscriminator(
             spatial_dims=3,
             channels=channels,
@@ -364,4 +376,7 @@ class CMBCritic(nn.Module):
                 f"critic input {tuple(x.shape[2:])} too small for num_layers_d={self.num_layers_d}: every spatial "
                 f"size must be >= {4 * 2**self.num_layers_d}"
             )
+        if self.centre_input:
+            image = x[:, :1]
+            x = torch.cat([image - image.mean(dim=(2, 3, 4), keepdim=True), x[:, 1:]], dim=1)
         return self.net(x)[-1]
