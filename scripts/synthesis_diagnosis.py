@@ -39,6 +39,10 @@ lines through the centre.
 ``--subvoxel`` samples every classifier patch (trilinear) on the 7^3 grid centred at the lesion's exact centre of
 mass instead of its rounded centre, for every measurement of the run (a check of patch alignment).
 
+``--offsets`` adds where the generators change the tissue away from the lesions (the mean signed and absolute
+change per band of distance from the mask: the same shift in every band is a global brightness offset) and each
+domain's crop brightness over 40 training batches (``x_h``, ``x_p``, ``x_p2``; in ``offsets``).
+
 ``--centring`` adds where ``G_HP`` paints a ball on a featureless noisy patch (the darkness centroid's offset,
 both parities of the centre): the network's own geometry, apart from the content of real patches.
 
@@ -378,6 +382,56 @@ def centring(models_dir: Path, overrides: dict | None = None, seed: int = 0) -> 
     return {"balls": out, "mean_offset": np.round(np.mean([b["offset"] for b in out], 0), 3).tolist()}
 
 
+def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40,
+            bands: tuple[tuple[int, int], ...] = ((3, 4), (5, 6), (7, 9), (10, 1000))) -> dict:
+    """Where the generators change the tissue away from the lesions, and how bright each domain's crops are.
+
+    ``change``: on the evaluator's validation patches, the mean signed and absolute change ``G_HP(x_h, y) - x_h``
+    and ``G_PH(x_p, y_p) - x_p`` over brain voxels at each band of (Euclidean) distance from the mask (voxels); a
+    change of the same sign and size in every band is a global brightness shift (what the identity error
+    measures beyond 2 voxels). ``crops``: over ``n_batches`` training batches (``train#dataloader``), each
+    domain's crop mean, its fraction of background (< 0.05) and its median tissue intensity (> 0.05, more than 3
+    voxels from the mask), averaged over crops: ``x_h`` healthy, ``x_p`` pathological, ``x_p2`` the critic's real
+    pathological sample. A difference between ``x_h`` and ``x_p2`` is one a whole-patch critic can score."""
+    from scipy import ndimage as ndi
+
+    parser = _run_config(models_dir, overrides)
+    G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
+    for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
+        net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
+        net.eval()
+    paint, real = _code_masks(parser, G_HP)
+    sums = {g: {b: [0.0, 0.0, 0] for b in bands} for g in ("G_HP", "G_PH")}
+    with torch.no_grad():
+        for i, it in enumerate(parser.get_parsed_content("validate#items")):
+            x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
+            x_p, y_p, b_p = (torch.as_tensor(it[k])[None].float() for k in ("x_p", "y_p", "brainmask_p"))
+            for g, change, y, b in (("G_HP", G_HP(x_h, paint(i, y_hp)) - x_h, y_hp, b_h),
+                                    ("G_PH", G_PH(x_p, real(x_p, y_p, b_p)) - x_p, y_p, b_p)):
+                d, dist = change[0, 0].numpy(), ndi.distance_transform_edt(y[0, 0].numpy() <= 0)
+                for lo, hi in bands:
+                    sel = (b[0, 0].numpy() > 0) & (dist >= lo) & (dist <= hi)
+                    acc = sums[g][(lo, hi)]
+                    acc[0] += float(d[sel].sum()); acc[1] += float(np.abs(d[sel]).sum()); acc[2] += int(sel.sum())
+    change = {g: [{"distance": [lo, hi], "n_voxels": n, "mean_change": round(sd / max(n, 1), 5),
+                   "mean_abs_change": round(sa / max(n, 1), 5)} for (lo, hi), (sd, sa, n) in v.items()]
+              for g, v in sums.items()}
+    stats: dict[str, dict[str, list[float]]] = {k: {"mean": [], "background": [], "tissue_median": []}
+                                                 for k in ("x_h", "x_p", "x_p2")}
+    for i, batch in enumerate(parser.get_parsed_content("train#dataloader")):
+        if i >= n_batches:
+            break
+        for k, y in (("x_h", "y_hp"), ("x_p", "y_p"), ("x_p2", "y_p2")):
+            x, m = batch[k].numpy(), batch[y].numpy() > 0
+            for j in range(x.shape[0]):
+                tissue = (x[j, 0] > 0.05) & ~ndi.binary_dilation(m[j, 0], iterations=3)
+                stats[k]["mean"].append(float(x[j].mean()))
+                stats[k]["background"].append(float((x[j] < 0.05).mean()))
+                stats[k]["tissue_median"].append(float(np.median(x[j, 0][tissue])))
+    crops = {k: {f: round(float(np.mean(v)), 4) for f, v in s.items()} | {"n": len(s["mean"])} for k, s in stats.items()}
+    return {"change": change, "crops": crops}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models_dir", type=Path, required=True)
@@ -390,6 +444,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subvoxel", action="store_true", help="classifier patches sampled at each lesion's exact centre of mass (all measurements of this run)")
     ap.add_argument("--centring", action="store_true", help="also where G_HP paints a ball on a featureless patch (offset, voxels)")
     ap.add_argument("--edges", action="store_true", help="also per-lesion features (edge roughness, ...) of real vs painted lesions, with their AUCs")
+    ap.add_argument("--offsets", action="store_true", help="also the generators' change by distance from the mask and the domains' crop brightness")
     a = ap.parse_args(argv)
     if a.subvoxel:  # every measurement of this run, the evaluator's real reference included
         R.lesion_measurements = functools.partial(R.lesion_measurements, subvoxel=True)
@@ -411,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.centring:
         out["centring"] = centring(a.models_dir.resolve(), overrides)
         print(f"centring on a featureless patch: mean darkness offset (x y z) {out['centring']['mean_offset']} voxels")
+    if a.offsets:
+        out["offsets"] = offsets(a.models_dir.resolve(), overrides)
+        for g, rows in out["offsets"]["change"].items():
+            print(g, "change by distance from the mask:", ", ".join(
+                f"{r['distance'][0]}-{r['distance'][1]}: {r['mean_change']:+.4f} (|.| {r['mean_abs_change']:.4f})" for r in rows))
+        for k, c in out["offsets"]["crops"].items():
+            print(f"crops {k:5s} mean {c['mean']:.4f}  background {c['background']:.4f}  tissue median {c['tissue_median']:.4f}  (n {c['n']})")
     dest = a.output or a.models_dir.resolve().parent / "diagnosis.json"
     write_json(out, dest)
     for key in (k for k, v in out.items() if isinstance(v, dict) and "profile" in v):
