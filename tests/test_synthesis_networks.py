@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -287,3 +288,28 @@ def test_centred_critic_is_blind_to_a_global_brightness_offset_only():
     assert (centred(torch.cat([blob, mask], 1)) - centred(pair)).abs().max() > 1e-4
     # the mask channel is scored as it is: moving the mask changes the scores
     assert (centred(torch.cat([x, mask.roll(8, dims=2)], 1)) - centred(pair)).abs().max() > 1e-5
+
+
+def test_whole_scan_changes_separates_brain_and_background():
+    """scripts/whole_scan_changes.py: a change confined to the background shows outside the brain only; a change
+    within 2 voxels of the mask is not counted as a change of the brain away from the mask."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("whole_scan_changes", Path(__file__).resolve().parents[1] / "scripts" / "whole_scan_changes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    image = np.full((30, 30, 20), 0.6, np.float32)
+    brain = np.zeros(image.shape, bool)
+    brain[5:25, 5:25, 4:16] = True
+    mask = np.zeros(image.shape, bool)
+    mask[14:16, 14:16, 9:11] = True
+    out = image.copy()
+    out[~brain] += 0.25  # background only (the brain's 2-voxel shell is excluded from "outside")
+    from scipy import ndimage as ndi
+
+    out[ndi.binary_dilation(mask)] -= 0.3  # a lesion and its 1-voxel (6-connected) rim
+    c = mod.changes(image, out, mask, brain)
+    assert c["brain_away_from_mask_mean_abs"] == 0.0
+    assert c["outside_brain_mean"] == c["outside_brain_mean_abs"] == 0.25
+    out[brain & (out == image)] += 0.01
+    assert mod.changes(image, out, mask, brain)["brain_away_from_mask_mean_abs"] == 0.01
