@@ -400,14 +400,14 @@ def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40
     for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
         net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
         net.eval()
-    paint, real = _code_masks(parser, G_HP)
+    paint, _ = _code_masks(parser, G_HP)
     sums = {g: {b: [0.0, 0.0, 0] for b in bands} for g in ("G_HP", "G_PH")}
     with torch.no_grad():
         for i, it in enumerate(parser.get_parsed_content("validate#items")):
             x_h, y_hp, b_h = (torch.as_tensor(it[k])[None].float() for k in ("x_h", "y_hp", "brainmask_h"))
             x_p, y_p, b_p = (torch.as_tensor(it[k])[None].float() for k in ("x_p", "y_p", "brainmask_p"))
             for g, change, y, b in (("G_HP", G_HP(x_h, paint(i, y_hp)) - x_h, y_hp, b_h),
-                                    ("G_PH", G_PH(x_p, real(x_p, y_p, b_p)) - x_p, y_p, b_p)):
+                                    ("G_PH", G_PH(x_p, y_p) - x_p, y_p, b_p)):
                 d, dist = change[0, 0].numpy(), ndi.distance_transform_edt(y[0, 0].numpy() <= 0)
                 for lo, hi in bands:
                     sel = (b[0, 0].numpy() > 0) & (dist >= lo) & (dist <= hi)
