@@ -103,15 +103,23 @@ def _code_masks(parser: ConfigParser, G_HP: torch.nn.Module):
     return paint, real
 
 
-def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
-    parser = _run_config(models_dir, overrides)
-    G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
-    missing = [n for n in ("G_HP.pt", "G_PH.pt") if not (models_dir / n).is_file()]
+def _trained(parser: ConfigParser, models_dir: Path, *names: str) -> list[torch.nn.Module]:
+    """The run's networks ``names`` (e.g. ``"G_HP"``), built from ``parser`` and loaded from ``models_dir/<name>.pt``,
+    in eval mode."""
+    missing = [f"{n}.pt" for n in names if not (models_dir / f"{n}.pt").is_file()]
     if missing:
         raise FileNotFoundError(f"{models_dir}: no {', '.join(missing)} (a finished synthesis run writes them)")
-    for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
+    nets = []
+    for name in names:
+        net = parser.get_parsed_content(name)
         net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
-        net.eval()
+        nets.append(net.eval())
+    return nets
+
+
+def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
+    parser = _run_config(models_dir, overrides)
+    G_HP, G_PH = _trained(parser, models_dir, "G_HP", "G_PH")
     profiles: dict[str, list[np.ndarray]] = {k: [] for k in (
         "real", "synthetic", "healthy_input", "pseudo_healthy", "php_reconstruction", "identity_on_real",
         "identity_on_healthy")}
@@ -129,8 +137,10 @@ def diagnose(models_dir: Path, overrides: dict | None = None) -> dict:
                 ("identity_on_healthy", G_PH(x_h, y_hp), y_hp, b_h),
             ):
                 profiles[key].append(batch_measurements(img, y, b)[0])
-    # recorded relative to the repository when the run lies inside it (the JSON is a committed artefact)
-    shown = models_dir.relative_to(ROOT) if models_dir.is_relative_to(ROOT) else models_dir
+    # the JSON is a committed artefact: a run inside the repository by its relative path, any other by its last
+    # components only (no machine's absolute path)
+    shown = (models_dir.relative_to(ROOT) if models_dir.is_relative_to(ROOT)
+             else Path("<outside the repository>", *models_dir.parts[-4:]))
     out = {"models_dir": str(shown), "overrides": overrides or {}, "radii": [0, 1, 2, 3, 4]}
     for key, parts in profiles.items():
         p = np.concatenate(parts) if parts else np.zeros((0, 5))
@@ -191,9 +201,7 @@ def composition(models_dir: Path, overrides: dict | None = None, size_bins: int 
     from cmb_synthesis.synthesis.realism import lesion_measurements, size_binned_profiles, split_lesions
 
     parser = _run_config(models_dir, overrides)
-    G_HP = parser.get_parsed_content("G_HP")
-    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
-    G_HP.eval()
+    (G_HP,) = _trained(parser, models_dir, "G_HP")
     paint, _ = _code_masks(parser, G_HP)
     datalist = parser.get_parsed_content("datalist")
     n_bins = max(2, int(size_bins or parser.get_parsed_content("profile_size_bins")))
@@ -250,11 +258,9 @@ def ranks(models_dir: Path, overrides: dict | None = None, levels: tuple[float, 
     from cmb_synthesis.synthesis.realism import lesion_measurements
 
     parser = _run_config(models_dir, overrides)
-    G_HP = parser.get_parsed_content("G_HP")
+    (G_HP,) = _trained(parser, models_dir, "G_HP")
     if not getattr(G_HP, "mask_code", False):
         raise ValueError(f"{models_dir}: the run's G_HP has no contrast codes (contrast_code false)")
-    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
-    G_HP.eval()
     code = parser.get_parsed_content("lesion_code")
     edges, n = code.edges.numpy(), len(code.edges) + 1
     items = parser.get_parsed_content("validate#items")
@@ -304,9 +310,7 @@ def edges(models_dir: Path, overrides: dict | None = None, n_repeats: int = 10) 
     from cmb_synthesis.synthesis.realism import batch_measurements, two_sample_auc
 
     parser = _run_config(models_dir, overrides)
-    G_HP = parser.get_parsed_content("G_HP")
-    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
-    G_HP.eval()
+    (G_HP,) = _trained(parser, models_dir, "G_HP")
     paint, _ = _code_masks(parser, G_HP)
     painted, healthy = [], []
     with torch.no_grad():
@@ -360,9 +364,7 @@ def centring(models_dir: Path, overrides: dict | None = None, seed: int = 0) -> 
     clipped at 0) of the 7^3 around the ball, relative to its centre, in voxels. Near 0 in every axis: the
     network's geometry is centred, and an offset on real patches comes from their content."""
     parser = _run_config(models_dir, overrides)
-    G_HP = parser.get_parsed_content("G_HP")
-    G_HP.load_state_dict(torch.load(models_dir / "G_HP.pt", map_location="cpu"))
-    G_HP.eval()
+    (G_HP,) = _trained(parser, models_dir, "G_HP")
     shape = (32, 32, 16)
     grid = np.stack(np.meshgrid(*[np.arange(n) for n in shape], indexing="ij"), -1).astype(float)
     rng = np.random.default_rng(seed)
@@ -383,7 +385,7 @@ def centring(models_dir: Path, overrides: dict | None = None, seed: int = 0) -> 
 
 
 def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40,
-            bands: tuple[tuple[int, int], ...] = ((3, 4), (5, 6), (7, 9), (10, 1000))) -> dict:
+            bands: tuple[tuple[int, int], ...] = ((3, 4), (5, 6), (7, 9), (10, 1000)), seed: int = 0) -> dict:
     """Where the generators change the tissue away from the lesions, and how bright each domain's crops are.
 
     ``change``: on the evaluator's validation patches, the mean signed and absolute change ``G_HP(x_h, y) - x_h``
@@ -392,14 +394,14 @@ def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40
     measures beyond 2 voxels). ``crops``: over ``n_batches`` training batches (``train#dataloader``), each
     domain's crop mean, its fraction of background (< 0.05) and its median tissue intensity (> 0.05, more than 3
     voxels from the mask), averaged over crops: ``x_h`` healthy, ``x_p`` pathological, ``x_p2`` the critic's real
-    pathological sample. A difference between ``x_h`` and ``x_p2`` is one a whole-patch critic can score."""
+    pathological sample. A difference between ``x_h`` and ``x_p2`` is one a whole-patch critic can score. The
+    batches are drawn with ``set_determinism(seed)`` (MONAI's DataLoader seeds the dataset from torch's generator),
+    so a rerun draws the same crops."""
+    from monai.utils import set_determinism
     from scipy import ndimage as ndi
 
     parser = _run_config(models_dir, overrides)
-    G_HP, G_PH = parser.get_parsed_content("G_HP"), parser.get_parsed_content("G_PH")
-    for name, net in (("G_HP", G_HP), ("G_PH", G_PH)):
-        net.load_state_dict(torch.load(models_dir / f"{name}.pt", map_location="cpu"))
-        net.eval()
+    G_HP, G_PH = _trained(parser, models_dir, "G_HP", "G_PH")
     paint, _ = _code_masks(parser, G_HP)
     sums = {g: {b: [0.0, 0.0, 0] for b in bands} for g in ("G_HP", "G_PH")}
     with torch.no_grad():
@@ -418,6 +420,7 @@ def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40
               for g, v in sums.items()}
     stats: dict[str, dict[str, list[float]]] = {k: {"mean": [], "background": [], "tissue_median": []}
                                                  for k in ("x_h", "x_p", "x_p2")}
+    set_determinism(seed)
     for i, batch in enumerate(parser.get_parsed_content("train#dataloader")):
         if i >= n_batches:
             break
@@ -428,8 +431,9 @@ def offsets(models_dir: Path, overrides: dict | None = None, n_batches: int = 40
                 stats[k]["mean"].append(float(x[j].mean()))
                 stats[k]["background"].append(float((x[j] < 0.05).mean()))
                 stats[k]["tissue_median"].append(float(np.median(x[j, 0][tissue])))
+    set_determinism(None)
     crops = {k: {f: round(float(np.mean(v)), 4) for f, v in s.items()} | {"n": len(s["mean"])} for k, s in stats.items()}
-    return {"change": change, "crops": crops}
+    return {"change": change, "crops": crops, "seed": seed}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from monai.bundle import ConfigParser  # noqa: E402
 
 from cmb_synthesis.data.io import atomic_output  # noqa: E402
-from cmb_synthesis.synthesis.inference import find_scans, load_scan, synthesize_volume  # noqa: E402
+from cmb_synthesis.synthesis.inference import first_scans, load_scan, synthesize_volume  # noqa: E402
 from cmb_synthesis.training.weights import load_network_weights  # noqa: E402
 
 
@@ -102,16 +102,10 @@ def main() -> None:
         G_HP = load_network_weights(G_HP, models / "G_HP.pt")
         G_PH = load_network_weights(G_PH, models / "G_PH.pt")
     datalist = Path(args.datalist or bundle / "data" / "phantom" / "datalist.json")
-    import json
-
     from transforms.lesion_mask import LesionBank
 
     bank = LesionBank.load(Path(args.models_dir or bundle / "models") / "lesion_bank.npz")
-    items = json.loads(datalist.read_text())[args.split]
-    ids_h = {i["id"] for i in items if i["group"] == "healthy"}
-    ids_p = {i["id"] for i in items if i["group"] == "pathological"}
-    healthy = [j for j in find_scans(datalist, "pathological") if j.id in ids_h][0]
-    patho = [j for j in find_scans(datalist, "pseudo_healthy") if j.id in ids_p][0]
+    healthy, patho = first_scans(datalist, args.split)
 
     with torch.no_grad():
         h = load_scan(healthy, "pathological", bank, args.n_lesions, args.seed)

@@ -11,7 +11,8 @@ inference path discards changes outside the brain mask dilated by 2 voxels):
   the brain mask (background and skull; no loss term nor metric looks there).
 
 ``G_HP`` paints ``--n_lesions`` sampled lesions on the healthy scan (seed 0); ``G_PH`` removes the pathological
-scan's own CMBs. Overrides (``--override key=value``, YAML values) rebuild networks trained with other settings.
+scan's own CMBs. Overrides (``--override LABEL:key=value``, YAML values) rebuild one run's networks as it was
+trained when its settings differ from ``train.yaml``'s.
 
     python scripts/whole_scan_changes.py --run preset=bundles/cmb_synthesis/models --output changes.json
 """
@@ -33,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from monai.bundle import ConfigParser  # noqa: E402
 
 from cmb_synthesis.data.io import write_json  # noqa: E402
-from cmb_synthesis.synthesis.inference import find_scans, load_scan, synthesize_volume  # noqa: E402
+from cmb_synthesis.synthesis.inference import first_scans, load_scan, synthesize_volume  # noqa: E402
 from cmb_synthesis.training.weights import load_network_weights  # noqa: E402
 from transforms.lesion_mask import LesionBank  # noqa: E402
 
@@ -61,10 +62,7 @@ def measure(models_dir: Path, datalist: Path, split: str, n_lesions: int, overri
     G_HP = load_network_weights(parser.get_parsed_content("G_HP"), models_dir / "G_HP.pt").eval()
     G_PH = load_network_weights(parser.get_parsed_content("G_PH"), models_dir / "G_PH.pt").eval()
     bank = LesionBank.load(models_dir / "lesion_bank.npz")
-    items = json.loads(datalist.read_text())[split]
-    ids = {g: {i["id"] for i in items if i["group"] == g} for g in ("healthy", "pathological")}
-    healthy = [j for j in find_scans(datalist, "pathological") if j.id in ids["healthy"]][0]
-    patho = [j for j in find_scans(datalist, "pseudo_healthy") if j.id in ids["pathological"]][0]
+    healthy, patho = first_scans(datalist, split)
     out = {"healthy_scan": healthy.id, "pathological_scan": patho.id}
     with torch.no_grad():
         h = load_scan(healthy, "pathological", bank, n_lesions, 0)
@@ -73,7 +71,8 @@ def measure(models_dir: Path, datalist: Path, split: str, n_lesions: int, overri
         ph = synthesize_volume(G_PH, p["image"], p["label"])[0].numpy()
     for key, scan, o in (("G_HP", h, syn), ("G_PH", p, ph)):
         x, y = np.asarray(scan["image"])[0], np.asarray(scan["label"])[0] > 0
-        brain = np.asarray(scan["brainmask"])[0] > 0 if "brainmask" in scan else x > 0.05
+        # load_scan estimates a brain mask when the scan has none; None only if that was switched off
+        brain = np.asarray(scan["brainmask"])[0] > 0 if scan.get("brainmask") is not None else x > 0.05
         out[key] = changes(x, o, y, brain)
     return out
 

@@ -313,3 +313,25 @@ def test_whole_scan_changes_separates_brain_and_background():
     assert c["outside_brain_mean"] == c["outside_brain_mean_abs"] == 0.25
     out[brain & (out == image)] += 0.01
     assert mod.changes(image, out, mask, brain)["brain_away_from_mask_mean_abs"] == 0.01
+
+
+def test_first_scans_picks_the_splits_first_healthy_and_pathological_scan(tmp_path):
+    """cmb_synthesis.synthesis.inference.first_scans: the jobs the montage and whole_scan_changes.py use; a split
+    without one of the groups is refused naming the datalist."""
+    import json
+
+    import nibabel as nib
+
+    from cmb_synthesis.synthesis.inference import first_scans
+
+    for name in ("h1", "h2", "p1"):
+        nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.float32), np.eye(4)), str(tmp_path / f"{name}.nii.gz"))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 4), np.uint8), np.eye(4)), str(tmp_path / "p1_label.nii.gz"))
+    items = [{"id": "h1", "group": "healthy", "image": "h1.nii.gz"}, {"id": "h2", "group": "healthy", "image": "h2.nii.gz"},
+             {"id": "p1", "group": "pathological", "image": "p1.nii.gz", "label": "p1_label.nii.gz"}]
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [], "validation": items}))
+    healthy, patho = first_scans(datalist, "validation")
+    assert (healthy.id, patho.id) == ("h1", "p1")
+    with pytest.raises(ValueError, match="datalist.json.*no healthy scan"):
+        first_scans(datalist, "training")

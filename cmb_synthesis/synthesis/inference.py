@@ -56,7 +56,7 @@ from transforms.intensity import invert_percentile_scale
 from transforms.lesion_mask import LesionBank, RandLesionMaskd
 from transforms.pipelines import preprocessing
 
-__all__ = ["synthesize_volume", "find_scans", "load_scan", "run_inference", "ScanJob", "DIRECTIONS", "OUTPUTS"]
+__all__ = ["synthesize_volume", "find_scans", "first_scans", "load_scan", "run_inference", "ScanJob", "DIRECTIONS", "OUTPUTS"]
 
 logger = logging.getLogger(__name__)
 
@@ -188,6 +188,21 @@ def find_scans(dataset_dir: PathLike, direction: str = "pathological", exclude: 
     if not jobs:
         raise FileNotFoundError(f"{path}: no {want} SWI scans found")
     return jobs
+
+
+def first_scans(datalist: PathLike, split: str) -> tuple[ScanJob, ScanJob]:
+    """The first healthy and the first pathological scan of ``split`` in ``datalist`` (a ``datalist.json``), as
+    :func:`find_scans` jobs: the one to paint (``pathological`` direction) and the one to clean
+    (``pseudo_healthy``). Raises ``ValueError`` naming the datalist when the split lacks either group."""
+    items = load_split(datalist, split)
+    jobs = []
+    for group, direction in (("healthy", "pathological"), ("pathological", "pseudo_healthy")):
+        ids = {i.get("id") for i in items if i.get("group") == group}
+        found = [j for j in find_scans(datalist, direction) if j.id in ids]
+        if not found:
+            raise ValueError(f"{datalist}: the {split!r} split has no {group} scan")
+        jobs.append(found[0])
+    return jobs[0], jobs[1]
 
 
 def _scan_seed(seed: int, sid: str) -> int:

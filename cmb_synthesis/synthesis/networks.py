@@ -341,10 +341,11 @@ class CMBCritic(nn.Module):
             (ours; False: the paper's critic). The critic is then blind to a global brightness offset, so it cannot
             tell the domains apart by the brightness of their crops, nor push a generator to shift every voxel. Why:
             the CPU preset's healthy crops (centred on sampled lesion sites) are brighter than the pathological
-            ones (centred on real CMBs, nearer the brain's edge; training batches: crop mean 0.621 against 0.589,
-            background 3.5 % against 6.4 % of the voxels, tissue median 0.648 against 0.645), and the trained generators shifted whole patches (``G_HP`` by -0.005 to -0.013,
-            ``G_PH`` by +0.005 to +0.011, alike at every distance from the mask beyond 5 voxels: the identity
-            error; ``scripts/synthesis_diagnosis.py --offsets``). A mask channel, if any, is left as it is.
+            ones (centred on real CMBs, nearer the brain's edge; training batches: crop mean 0.615 against 0.583,
+            background 4.2 % against 7.0 % of the voxels, tissue median 0.648 against 0.645), and the trained
+            generators shifted whole patches (``G_HP`` by -0.005 to -0.013, ``G_PH`` by +0.005 to +0.011, alike at
+            every distance from the mask beyond 5 voxels: the identity error; ``scripts/synthesis_diagnosis.py
+            --offsets``). A mask channel, if any, is left as it is.
 
     Forward: ``x`` (B, in_channels, X, Y, Z) in [0, 1] -> unbounded patch scores (B, 1, X', Y', Z').
     """
